@@ -1,0 +1,103 @@
+"""Batched inference over uint8 images: normalisation exactly as in training, logits and probabilities."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.data.transforms import normalize
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw uint8 images become model input; saved beside the weights in model.json."""
+
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...] | None = None  # per channel, in [0, 1] units; None: rescale only
+    std: tuple[float, ...] | None = None
+    color_mode: str = "grayscale"  # how predict converts a user's image
+    resize: str = "stretch"  # how predict brings a user's image to (H, W)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+        mean, std = raw.get("mean"), raw.get("std")
+        return cls(
+            input_shape=tuple(raw["input_shape"]),  # type: ignore[arg-type]
+            mean=tuple(mean) if mean is not None else None,
+            std=tuple(std) if std is not None else None,
+            color_mode=raw.get("color_mode", "grayscale"),
+            resize=raw.get("resize", "stretch"),
+        )
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from cnnlab.errors import ConfigError
+
+        raise ConfigError(
+            "--device cuda was asked for, but no CUDA GPU is visible. Use --device cpu."
+        )
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (this CPU class has no fast bf16)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_batch(
+    images: torch.Tensor, prep: Preprocessing, device: torch.device, channels_last: bool = True
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float32 on `device`."""
+    batch = normalize(images.to(device, non_blocking=True), prep.mean, prep.std)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,  # (N, C, H, W) uint8
+    prep: Preprocessing,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+    tta_flip: bool = False,
+    channels_last: bool = True,
+    amp: bool = True,
+) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU; with `tta_flip` the mean over the image and its mirror."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = prepare_batch(images[start : start + batch_size], prep, device, channels_last)
+            with autocast_for(device, amp):
+                logits = model(batch).float()
+                if tta_flip:
+                    logits = (logits + model(batch.flip(-1)).float()) / 2
+            chunks.append(logits.cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return torch.empty(0, getattr(model, "num_classes", 0))
+    return torch.cat(chunks)

@@ -1,0 +1,851 @@
+"""Keras-named layer specs: their validation, Keras initializers, TF padding and the torch model."""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cnnlab.errors import ModelSpecError, did_you_mean, unknown_name
+
+Shape = tuple[int, ...]  # one image's tensor shape, channels first: (C, H, W) or (features,)
+# The dict form of one layer: {"Conv2D": {"filters": 32, "kernel_size": [3, 3]}}
+LayerDict = dict[str, dict[str, Any]]
+Pad = tuple[int, int, int, int]  # (left, right, top, bottom), the order F.pad takes
+
+ACTIVATIONS: tuple[str, ...] = (
+    "relu", "sigmoid", "tanh", "softmax", "elu", "selu", "gelu", "silu", "leaky_relu", "softplus",
+    "linear",
+)  # fmt: skip
+_ACTIVATION_ALIASES = {"swish": "silu"}  # Keras 3 names it silu and keeps swish as an alias
+FINAL_ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid")  # understood at the end of a model
+
+INITIALIZERS: tuple[str, ...] = (
+    "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
+    "zeros", "ones", "random_normal", "random_uniform",
+)  # fmt: skip
+
+# Keras draws its *_normal initializers from a normal truncated at ±2 std, and divides the std
+# by the std of that truncated unit normal so the variance stays the one the formula asks for.
+_TRUNCATED_STD_CORRECTION = 0.87962566103423978
+
+_REQUIRED = object()  # marks an argument without a default
+Normaliser = Callable[[Any, str, str], Any]  # (value, where, argument) -> normalised value
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument normalisers: each returns the canonical value or raises ModelSpecError that says what
+# was received and what is allowed. `where` names the layer, e.g. "Layer 3 (Conv2D)".
+
+
+def _bad(where: str, arg: str, value: Any, allowed: str) -> ModelSpecError:
+    return ModelSpecError(f"{where}: {arg} must be {allowed}; received {value!r}.")
+
+
+def _whole(value: Any) -> int | None:
+    """The int a value stands for (ints, numpy ints), or None for bools, floats and the rest."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(value: Any, where: str, arg: str) -> int:
+    number = _whole(value)
+    if number is None or number < 1:
+        raise _bad(where, arg, value, "a positive whole number such as 32")
+    return number
+
+
+def _pair(value: Any, where: str, arg: str) -> tuple[int, int]:
+    allowed = "a positive int or a pair of positive ints such as [3, 3]"
+    items = [value, value] if _whole(value) is not None else value
+    if not isinstance(items, (list, tuple)) or len(items) != 2:
+        raise _bad(where, arg, value, allowed)
+    numbers = [_whole(item) for item in items]
+    if any(n is None or n < 1 for n in numbers):
+        raise _bad(where, arg, value, allowed)
+    return (int(numbers[0]), int(numbers[1]))  # type: ignore[arg-type]
+
+
+def _optional_pair(value: Any, where: str, arg: str) -> tuple[int, int] | None:
+    return None if value is None else _pair(value, where, arg)
+
+
+def _padding(value: Any, where: str, arg: str) -> str:
+    if not isinstance(value, str) or value.lower() not in ("valid", "same"):
+        raise _bad(
+            where, arg, value, "'valid' (no padding) or 'same' (output size ceil(H / stride))"
+        )
+    return value.lower()
+
+
+def _activation(value: Any, where: str, arg: str) -> str | None:
+    """Canonical activation name; None stands for 'linear' (no activation), as in Keras."""
+    if value is None:
+        return None
+    name = value.lower() if isinstance(value, str) else value
+    name = _ACTIVATION_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in ACTIVATIONS:
+        hint = did_you_mean(str(value).lower(), ACTIVATIONS) if isinstance(value, str) else ""
+        choices = ", ".join((*ACTIVATIONS, "swish", "None"))
+        raise ModelSpecError(f"{where}: unknown {arg} {value!r}.{hint} Allowed: {choices}.")
+    return None if name == "linear" else name
+
+
+def _initializer(value: Any, where: str, arg: str) -> str:
+    # Keras also accepts the class names: GlorotUniform -> glorot_uniform.
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", value).lower() if isinstance(value, str) else value
+    if name not in INITIALIZERS:
+        hint = did_you_mean(str(name), INITIALIZERS) if isinstance(value, str) else ""
+        raise ModelSpecError(
+            f"{where}: unknown {arg} {value!r}.{hint} Allowed: {', '.join(INITIALIZERS)}."
+        )
+    return name
+
+
+def _bool(value: Any, where: str, arg: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(where, arg, value, "true or false")
+    return value
+
+
+def _float(value: Any, where: str, arg: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(where, arg, value, "a finite number such as 0.00392156862745098 (1/255)")
+    return float(value)
+
+
+def _rate(value: Any, where: str, arg: str) -> float:
+    number = _float(value, where, arg)
+    if not 0.0 <= number < 1.0:
+        raise _bad(where, arg, value, "a fraction of inputs to drop, 0 <= rate < 1")
+    return number
+
+
+def _momentum(value: Any, where: str, arg: str) -> float:
+    number = _float(value, where, arg)
+    if not 0.0 <= number < 1.0:
+        raise _bad(where, arg, value, "between 0 and 1 (Keras' default 0.99), 0 <= momentum < 1")
+    return number
+
+
+def _positive_float(value: Any, where: str, arg: str) -> float:
+    number = _float(value, where, arg)
+    if number <= 0.0:
+        raise _bad(where, arg, value, "a number greater than 0 such as 0.001")
+    return number
+
+
+_RESERVED_NAMES = frozenset(dir(nn.Sequential))
+
+
+def _layer_name(value: Any, where: str, arg: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise _bad(where, arg, value, "letters, digits and underscores, such as 'conv_1'")
+    if value in _RESERVED_NAMES:
+        raise _bad(where, arg, value, f"a name other than the reserved {sorted(_RESERVED_NAMES)}")
+    return value
+
+
+def _shape(value: Any, where: str, arg: str) -> tuple[int, ...]:
+    allowed = "(height, width, channels) as in Keras, such as [28, 28, 1]"
+    if not isinstance(value, (list, tuple)) or len(value) not in (1, 2, 3):
+        raise _bad(where, arg, value, allowed)
+    numbers = [_whole(item) for item in value]
+    if any(n is None or n < 1 for n in numbers):
+        raise _bad(where, arg, value, allowed)
+    return tuple(int(n) for n in numbers)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers: canonical Keras name -> {argument: (default, normaliser)}.
+
+_CONV_ARGS: dict[str, tuple[Any, Normaliser]] = {
+    "filters": (_REQUIRED, _positive_int),
+    "kernel_size": (_REQUIRED, _pair),
+    "strides": (1, _pair),
+    "padding": ("valid", _padding),
+    "activation": (None, _activation),
+    "use_bias": (True, _bool),
+    "kernel_initializer": ("glorot_uniform", _initializer),
+    "bias_initializer": ("zeros", _initializer),
+    "dilation_rate": (1, _pair),
+}
+_POOL_ARGS: dict[str, tuple[Any, Normaliser]] = {
+    "pool_size": (2, _pair),
+    "strides": (None, _optional_pair),  # None -> pool_size
+    "padding": ("valid", _padding),
+}
+_SCHEMAS: dict[str, dict[str, tuple[Any, Normaliser]]] = {
+    "InputLayer": {"shape": (_REQUIRED, _shape)},  # a check only: the data gives the shape
+    "Conv2D": _CONV_ARGS,
+    "MaxPooling2D": _POOL_ARGS,
+    "AveragePooling2D": _POOL_ARGS,
+    "Dropout": {"rate": (_REQUIRED, _rate)},
+    "Flatten": {},
+    "Dense": {
+        "units": (_REQUIRED, _positive_int),
+        "activation": (None, _activation),
+        "use_bias": (True, _bool),
+        "kernel_initializer": ("glorot_uniform", _initializer),
+        "bias_initializer": ("zeros", _initializer),
+    },
+    "Rescaling": {"scale": (_REQUIRED, _float), "offset": (0.0, _float)},
+    "BatchNormalization": {
+        "momentum": (0.99, _momentum),
+        "epsilon": (1e-3, _positive_float),
+        "center": (True, _bool),
+        "scale": (True, _bool),
+    },
+    "Activation": {"activation": (_REQUIRED, _activation)},
+    "GlobalAveragePooling2D": {},
+    "GlobalMaxPooling2D": {},
+}
+# Arguments every layer accepts; kept in LayerSpec.args only when given.
+_COMMON_ARGS: dict[str, Normaliser] = {"name": _layer_name, "input_shape": _shape}
+_ALIASES = {
+    "MaxPool2D": "MaxPooling2D",
+    "AvgPool2D": "AveragePooling2D",
+    "Convolution2D": "Conv2D",
+    "Input": "InputLayer",
+}
+LAYERS: tuple[str, ...] = tuple(sorted((*_SCHEMAS, *_ALIASES)))  # every name a spec may use
+_BY_LOWER = {name.lower(): _ALIASES.get(name, name) for name in LAYERS}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One validated layer: its canonical Keras name and its arguments with defaults filled.
+
+    Pairs are tuples (kernel_size=(3, 3)), activations are canonical names or None for linear,
+    and pooling strides equal pool_size when not given.
+    """
+
+    kind: str
+    args: dict[str, Any]
+
+
+def _canonical_kind(name: Any, where: str) -> str:
+    kind = _BY_LOWER.get(name.lower()) if isinstance(name, str) else None
+    if kind is None:
+        raise ModelSpecError(f"{where}: {unknown_name('layer', str(name), LAYERS)}")
+    return kind
+
+
+def _normalise(kind: str, args: Mapping[str, Any], where: str) -> dict[str, Any]:
+    schema = _SCHEMAS[kind]
+    for arg in args:
+        if arg not in schema and arg not in _COMMON_ARGS:
+            valid = sorted((*schema, *_COMMON_ARGS))
+            hint = did_you_mean(str(arg), valid)
+            raise ModelSpecError(
+                f"{where}: {kind} has no argument {arg!r}.{hint} "
+                f"Valid arguments of {kind}: {', '.join(valid)}."
+            )
+    missing = [
+        arg for arg, (default, _) in schema.items() if default is _REQUIRED and arg not in args
+    ]
+    if missing:
+        raise ModelSpecError(
+            f"{where}: {kind} needs the argument(s) {', '.join(missing)}; received only "
+            f"{sorted(args) or 'no arguments'}."
+        )
+    out: dict[str, Any] = {}
+    for arg, (default, normalise) in schema.items():
+        out[arg] = normalise(args.get(arg, default), where, arg)  # defaults normalised too
+    for arg, normalise in _COMMON_ARGS.items():
+        if args.get(arg) is not None:
+            out[arg] = normalise(args[arg], where, arg)
+    if kind in ("MaxPooling2D", "AveragePooling2D") and out["strides"] is None:
+        out["strides"] = out["pool_size"]
+    return out
+
+
+def _parse_one(item: Any, where: str) -> LayerSpec:
+    if isinstance(item, LayerSpec):
+        name, args = item.kind, item.args
+    elif isinstance(item, str):
+        name, args = item, {}
+    elif isinstance(item, Mapping) and len(item) == 1:
+        ((name, args),) = item.items()
+        args = {} if args is None else args
+    else:
+        raise ModelSpecError(
+            f"{where}: a layer is a one-key mapping such as {{'Conv2D': {{'filters': 32, "
+            f"'kernel_size': 3}}}} or a bare name such as 'Flatten'; received {item!r}."
+        )
+    kind = _canonical_kind(name, where)
+    if not isinstance(args, Mapping):
+        raise ModelSpecError(
+            f"{where}: the arguments of {kind} must be a mapping such as {{'rate': 0.25}}; "
+            f"received {args!r}."
+        )
+    return LayerSpec(kind, _normalise(kind, args, f"{where} ({kind})"))
+
+
+def parse_spec(layers: Sequence[Any]) -> list[LayerSpec]:
+    """Validate a model spec (dicts, bare names or LayerSpecs) into canonical LayerSpecs."""
+    if isinstance(layers, (str, Mapping)) or not isinstance(layers, Sequence):
+        raise ModelSpecError(
+            "A model spec is a list of layers such as [{'Conv2D': {'filters': 32, "
+            "'kernel_size': 3}}, 'Flatten', {'Dense': {'units': 10}}]; received "
+            f"{type(layers).__name__} {layers!r}."
+        )
+    if not layers:
+        raise ModelSpecError("The model spec has no layers; give at least one Dense layer.")
+    return [_parse_one(item, f"Layer {i}") for i, item in enumerate(layers, start=1)]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def spec_to_list(specs: Sequence[LayerSpec]) -> list[LayerDict]:
+    """The YAML/JSON form of parsed specs (tuples become lists); parse_spec reverses it."""
+    return [{spec.kind: {k: _plain(v) for k, v in spec.args.items()}} for spec in specs]
+
+
+def layer_names(specs: Sequence[LayerSpec]) -> list[str]:
+    """Keras-style names: conv2d, conv2d_1, max_pooling2d, ...; a `name` argument wins."""
+    given = [spec.args["name"] for spec in specs if "name" in spec.args]
+    taken = set(given)
+    if len(taken) < len(given):
+        twice = sorted({name for name in given if given.count(name) > 1})
+        raise ModelSpecError(
+            f"Several layers of the model spec have the same name {', '.join(twice)}; "
+            "each layer's name must be unique."
+        )
+    counts: dict[str, int] = {}
+    names = []
+    for spec in specs:
+        if "name" in spec.args:
+            names.append(spec.args["name"])
+            continue
+        base = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", spec.kind).lower()
+        base = base.replace("2_d", "2d")  # MaxPooling2D -> max_pooling2d, as Keras writes it
+        while True:
+            n = counts.get(base, 0)
+            counts[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+            if name not in taken:
+                break
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes: what each layer makes of its input, with TF's rules for 'same' and 'valid'.
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TF's 'same' padding of one dimension as (before, after): output ceil(size / stride),
+    the odd pixel going after (bottom/right)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window_out(size: int, kernel: int, stride: int, padding: str, dilation: int = 1) -> int:
+    if padding == "same":
+        return -(-size // stride)
+    span = (kernel - 1) * dilation + 1
+    return (size - span) // stride + 1 if size >= span else 0
+
+
+def _fmt_hwc(shape: Shape) -> str:
+    if len(shape) == 3:
+        return f"{shape[1]}x{shape[2]}x{shape[0]} (H x W x C)"
+    return f"a flat vector of {shape[0]} values"
+
+
+def _keras_shape(shape: Shape) -> tuple[int, ...]:
+    """Channels-last view of a channels-first shape, as Keras prints it."""
+    return (shape[1], shape[2], shape[0]) if len(shape) == 3 else shape
+
+
+def _need_image(spec: LayerSpec, shape: Shape, where: str) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ModelSpecError(
+            f"{where}: {spec.kind} needs an image tensor (H, W, C) but receives {_fmt_hwc(shape)} "
+            "(the output of Flatten, Dense or global pooling). Move it before Flatten."
+        )
+    return shape[0], shape[1], shape[2]
+
+
+def _declared_shape_matches(declared: tuple[int, ...], shape: Shape) -> bool:
+    """Keras' input_shape against the data; (28, 28) stands for grayscale (28, 28, 1) as in
+    the Keras MNIST tutorials' Flatten(input_shape=(28, 28))."""
+    actual = _keras_shape(shape)
+    return declared == actual or (len(actual) == 3 and actual[2] == 1 and declared == actual[:2])
+
+
+def _out_shape(spec: LayerSpec, shape: Shape, where: str) -> Shape:
+    kind, a = spec.kind, spec.args
+    if "input_shape" in a and not _declared_shape_matches(a["input_shape"], shape):
+        raise ModelSpecError(
+            f"{where}: input_shape={list(a['input_shape'])} but the data gives it "
+            f"{list(_keras_shape(shape))} (H, W, C). Remove input_shape (cnnlab takes the shape "
+            "from the data) or correct it."
+        )
+    if kind == "InputLayer":
+        if not _declared_shape_matches(a["shape"], shape):
+            raise ModelSpecError(
+                f"{where}: shape={list(a['shape'])} but the data gives images of "
+                f"{list(_keras_shape(shape))} (H, W, C). Remove the Input layer (cnnlab takes "
+                "the shape from the data) or correct it."
+            )
+        return shape
+    if kind in ("Conv2D", "MaxPooling2D", "AveragePooling2D"):
+        c, h, w = _need_image(spec, shape, where)
+        size_arg = "kernel_size" if kind == "Conv2D" else "pool_size"
+        k, s, pad = a[size_arg], a["strides"], a["padding"]
+        d = a.get("dilation_rate", (1, 1))
+        oh, ow = _window_out(h, k[0], s[0], pad, d[0]), _window_out(w, k[1], s[1], pad, d[1])
+        if oh < 1 or ow < 1:
+            raise ModelSpecError(
+                f"{where}: {size_arg} {k[0]}x{k[1]} with padding 'valid' does not fit its input "
+                f"of {_fmt_hwc(shape)}: the output would be {max(oh, 0)}x{max(ow, 0)}. Allowed: "
+                "a window no larger than its input. Use padding='same', a smaller "
+                f"{size_arg}, fewer pooling layers before it, or larger images."
+            )
+        return (a["filters"] if kind == "Conv2D" else c, oh, ow)
+    if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        return (_need_image(spec, shape, where)[0],)
+    if kind == "Flatten":
+        return (math.prod(shape),)
+    if kind == "Dense":
+        if len(shape) != 1:
+            raise ModelSpecError(
+                f"{where}: Dense receives a 4-D tensor of shape (None, {shape[1]}, {shape[2]}, "
+                f"{shape[0]}); Dense needs a flat (None, features) input here. Add Flatten() or "
+                "GlobalAveragePooling2D() before it."
+            )
+        return (a["units"],)
+    return shape  # Dropout, Rescaling, BatchNormalization, Activation keep the shape
+
+
+def _check_output(specs: Sequence[LayerSpec], shapes: Sequence[Shape], num_classes: int) -> None:
+    final = shapes[-1]
+    if final == (num_classes,):
+        return
+    if len(final) == 3:
+        raise ModelSpecError(
+            f"The model ends with output shape (None, {final[1]}, {final[2]}, {final[0]}) but must "
+            f"end with one value per class, (None, {num_classes}). Add Flatten() (or "
+            f"GlobalAveragePooling2D()) and Dense({num_classes}, activation='softmax') at the end."
+        )
+    dense = [i for i, spec in enumerate(specs) if spec.kind == "Dense"]
+    units = final[0]
+    if dense and shapes[dense[-1]] == final:
+        i = dense[-1]
+        hint = ""
+        if units == 1 and num_classes == 2:
+            hint = (
+                " Dense(1, activation='sigmoid') is Keras' binary set-up; cnnlab gives one output "
+                "per class: use Dense(2, activation='softmax')."
+            )
+        raise ModelSpecError(
+            f"Layer {i + 1} (Dense), the final Dense, has units={units} but the data has "
+            f"{num_classes} classes. Allowed: units={num_classes}, one output per class.{hint}"
+        )
+    raise ModelSpecError(
+        f"The model outputs {units} values per image but the data has {num_classes} classes; "
+        f"end it with Dense({num_classes}, activation='softmax')."
+    )
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
+    numbers = [_whole(n) for n in input_shape] if isinstance(input_shape, (list, tuple)) else []
+    if len(numbers) != 3 or any(n is None or n < 1 for n in numbers):
+        raise ModelSpecError(
+            f"input_shape must be (channels, height, width) of one image, such as (1, 28, 28); "
+            f"received {input_shape!r}."
+        )
+    return (int(numbers[0]), int(numbers[1]), int(numbers[2]))  # type: ignore[arg-type]
+
+
+def _check_num_classes(num_classes: Any) -> int:
+    number = _whole(num_classes)
+    if number is None or number < 1:
+        raise ModelSpecError(f"num_classes must be a positive int; received {num_classes!r}.")
+    return number
+
+
+def infer_shapes(
+    layers: Sequence[Any], input_shape: tuple[int, int, int], num_classes: int | None = None
+) -> list[Shape]:
+    """Each layer's output shape for one image, channels first, checking that every layer fits
+    and (given num_classes) that the model ends with one value per class."""
+    specs = parse_spec(layers)
+    shape: Shape = _check_input_shape(input_shape)
+    shapes = []
+    for i, spec in enumerate(specs, start=1):
+        shape = _out_shape(spec, shape, f"Layer {i} ({spec.kind})")
+        shapes.append(shape)
+    if num_classes is not None:
+        _check_output(specs, shapes, _check_num_classes(num_classes))
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# Initializers with Keras' formulas. Fans as Keras computes them: a kernel's receptive field
+# (kh * kw) multiplies both fans; a 1-D tensor (a bias) has fan_in = fan_out = its length.
+
+
+def _fans(tensor: torch.Tensor) -> tuple[int, int]:
+    if tensor.ndim == 1:
+        return tensor.shape[0], tensor.shape[0]
+    receptive = math.prod(tensor.shape[2:])  # torch weights are (out, in, kh, kw) or (out, in)
+    return tensor.shape[1] * receptive, tensor.shape[0] * receptive
+
+
+@torch.no_grad()
+def initialize(tensor: torch.Tensor, initializer: str) -> torch.Tensor:
+    """Fill `tensor` in place the way Keras' initializer of that name does, through nn.init."""
+    fan_in, fan_out = _fans(tensor)
+    if initializer == "zeros":
+        return nn.init.zeros_(tensor)
+    if initializer == "ones":
+        return nn.init.ones_(tensor)
+    if initializer == "random_normal":
+        return nn.init.normal_(tensor, mean=0.0, std=0.05)
+    if initializer == "random_uniform":
+        return nn.init.uniform_(tensor, -0.05, 0.05)
+    scale, fan = {
+        "glorot": (1.0, (fan_in + fan_out) / 2.0),
+        "he": (2.0, float(fan_in)),
+        "lecun": (1.0, float(fan_in)),
+    }[initializer.split("_")[0]]
+    variance = scale / max(1.0, fan)  # Keras' VarianceScaling
+    if initializer.endswith("_uniform"):
+        limit = math.sqrt(3.0 * variance)  # glorot: sqrt(6 / (fan_in + fan_out))
+        return nn.init.uniform_(tensor, -limit, limit)
+    std = math.sqrt(variance) / _TRUNCATED_STD_CORRECTION
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules. Parameters sit directly on each layer's module so state_dict keys read like Keras'
+# weights: "layers.conv2d.weight", "layers.dense_1.bias", "layers.batch_normalization.running_var".
+
+
+def activation_module(name: str | None) -> nn.Module:
+    """The torch module of a canonical activation name (None: identity)."""
+    modules: dict[str | None, Callable[[], nn.Module]] = {
+        None: nn.Identity,
+        "relu": nn.ReLU,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "softmax": lambda: nn.Softmax(dim=1),  # dim 1 = channels/features, Keras' last axis
+        "elu": nn.ELU,
+        "selu": nn.SELU,
+        "gelu": nn.GELU,  # exact erf form, Keras' default approximate=False
+        "silu": nn.SiLU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.2),  # Keras 3's default negative_slope
+        "softplus": nn.Softplus,
+    }
+    return modules[name]()
+
+
+def _same_pad(
+    shape: Shape, kernel: tuple[int, int], strides: tuple[int, int], dilation=(1, 1)
+) -> Pad:
+    top, bottom = same_padding(shape[1], kernel[0], strides[0], dilation[0])
+    left, right = same_padding(shape[2], kernel[1], strides[1], dilation[1])
+    return (left, right, top, bottom)
+
+
+class KerasConv2D(nn.Conv2d):
+    """Conv2D with TF 'same' padding (explicit when uneven) and its activation."""
+
+    def __init__(self, in_channels: int, a: dict[str, Any], pad: Pad, activation: str | None):
+        even = pad[0] == pad[1] and pad[2] == pad[3]
+        super().__init__(
+            in_channels,
+            a["filters"],
+            a["kernel_size"],
+            stride=a["strides"],
+            padding=(pad[2], pad[0]) if even else 0,
+            dilation=a["dilation_rate"],
+            bias=a["use_bias"],
+        )
+        self.uneven_pad: Pad | None = None if even else pad  # F.pad before the convolution
+        self.act = activation_module(activation)
+        initialize(self.weight, a["kernel_initializer"])
+        if self.bias is not None:
+            initialize(self.bias, a["bias_initializer"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, filters, H', W')
+        if self.uneven_pad is not None:
+            x = F.pad(x, self.uneven_pad)
+        return self.act(super().forward(x))
+
+
+class KerasDense(nn.Linear):
+    """Dense with its activation."""
+
+    def __init__(self, in_features: int, a: dict[str, Any], activation: str | None):
+        super().__init__(in_features, a["units"], bias=a["use_bias"])
+        self.act = activation_module(activation)
+        initialize(self.weight, a["kernel_initializer"])
+        if self.bias is not None:
+            initialize(self.bias, a["bias_initializer"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, units)
+        return self.act(super().forward(x))
+
+
+class KerasMaxPool2D(nn.MaxPool2d):
+    """MaxPooling2D; 'same' pads with -inf so padding never wins the max, as in TF."""
+
+    def __init__(self, a: dict[str, Any], pad: Pad):
+        super().__init__(a["pool_size"], a["strides"])
+        self.pad: Pad | None = pad if any(pad) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H', W')
+        if self.pad is not None:
+            x = F.pad(x, self.pad, value=float("-inf"))
+        return super().forward(x)
+
+
+class KerasAvgPool2D(nn.AvgPool2d):
+    """AveragePooling2D; with 'same', padded pixels are left out of each average, as in TF."""
+
+    def __init__(self, a: dict[str, Any], pad: Pad, in_shape: Shape):
+        super().__init__(a["pool_size"], a["strides"])
+        self.pad: Pad | None = pad if any(pad) else None
+        if self.pad is not None:  # pool_area / real pixels in each window, fixed by the input size
+            ones = F.pad(torch.ones(1, 1, in_shape[1], in_shape[2]), self.pad)
+            counts = F.avg_pool2d(ones, self.kernel_size, self.stride)  # real / area
+            self.register_buffer("rescale", 1.0 / counts, persistent=False)  # (1, 1, H', W')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H', W')
+        if self.pad is None:
+            return super().forward(x)
+        return super().forward(F.pad(x, self.pad)) * self.rescale
+
+
+class KerasFlatten(nn.Module):
+    """Flatten in channels-last order, (B, C, H, W) -> (B, H*W*C).
+
+    Keras flattens (H, W, C) tensors, so the Dense after it sees pixel-major, channel-minor
+    elements; flattening the same way keeps Dense weights portable between Keras and cnnlab.
+    With channels_last inputs the permute is free (a view).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)  # (B, H, W, C) -> (B, H*W*C)
+
+
+class GlobalPool2D(nn.Module):
+    """GlobalAveragePooling2D / GlobalMaxPooling2D: (B, C, H, W) -> (B, C)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode  # "avg" or "max"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) if self.mode == "avg" else x.amax(dim=(2, 3))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class KerasRescaling(nn.Module):
+    """x * scale + offset, as Keras' Rescaling."""
+
+    def __init__(self, scale: float, offset: float):
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, offset={self.offset}"
+
+
+def _batch_norm(a: dict[str, Any], shape: Shape) -> nn.Module:
+    # Keras: moving = moving * momentum + batch * (1 - momentum); torch weighs the batch by its
+    # momentum, so torch momentum = 1 - Keras momentum. center/scale drop beta/gamma.
+    kind = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+    bn = kind(shape[0], eps=a["epsilon"], momentum=1.0 - a["momentum"])
+    if not a["scale"]:
+        bn.weight = None  # type: ignore[assignment]
+    if not a["center"]:
+        bn.bias = None  # type: ignore[assignment]
+    return bn
+
+
+def _build_layer(spec: LayerSpec, in_shape: Shape, strip_activation: bool) -> nn.Module | None:
+    """The module of one layer, or None for layers that compute nothing here."""
+    kind, a = spec.kind, spec.args
+    activation = None if strip_activation else a.get("activation")
+    if kind == "Conv2D":
+        pad = (0, 0, 0, 0)
+        if a["padding"] == "same":
+            pad = _same_pad(in_shape, a["kernel_size"], a["strides"], a["dilation_rate"])
+        return KerasConv2D(in_shape[0], a, pad, activation)
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        pad = (0, 0, 0, 0)
+        if a["padding"] == "same":
+            pad = _same_pad(in_shape, a["pool_size"], a["strides"])
+        if kind == "MaxPooling2D":
+            return KerasMaxPool2D(a, pad)
+        return KerasAvgPool2D(a, pad, in_shape)
+    if kind == "Dense":
+        return KerasDense(in_shape[0], a, activation)
+    if kind == "Dropout":
+        return nn.Dropout(a["rate"])  # element-wise, as Keras' Dropout
+    if kind == "Flatten":
+        return KerasFlatten() if len(in_shape) == 3 else None
+    if kind == "Rescaling":
+        return KerasRescaling(a["scale"], a["offset"])
+    if kind == "BatchNormalization":
+        return _batch_norm(a, in_shape)
+    if kind == "Activation":
+        return None if activation is None else activation_module(activation)
+    if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        return GlobalPool2D("avg" if kind == "GlobalAveragePooling2D" else "max")
+    return None  # InputLayer
+
+
+def final_activation(specs: Sequence[LayerSpec]) -> tuple[str | None, int | None]:
+    """The softmax/sigmoid that ends a model (Dense(activation=...) or a trailing Activation),
+    and the index of the layer holding it; (None, None) when the model ends without one."""
+    last = len(specs) - 1
+    if last >= 0 and specs[last].kind in ("Dense", "Activation"):
+        name = specs[last].args["activation"]
+        if name in FINAL_ACTIVATIONS:
+            return name, last
+    return None, None
+
+
+class CnnModel(nn.Module):
+    """A CNN classifier built from a Keras-named layer spec; returns logits.
+
+    A final softmax or sigmoid in the spec is not applied: `final_activation` records it and
+    callers turn logits into probabilities with it (torch.softmax(logits, 1)), so it is never
+    applied twice. Attributes: specs, input_shape (C, H, W), num_classes, final_activation,
+    layer_names and output_shapes (channels first, one per spec).
+    """
+
+    def __init__(self, layers: Sequence[Any], input_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        self.specs: tuple[LayerSpec, ...] = tuple(parse_spec(layers))
+        self.input_shape: tuple[int, int, int] = _check_input_shape(input_shape)
+        self.num_classes: int = _check_num_classes(num_classes)
+        self.output_shapes: tuple[Shape, ...] = tuple(
+            infer_shapes(self.specs, self.input_shape, self.num_classes)
+        )
+        self.layer_names: tuple[str, ...] = tuple(layer_names(self.specs))
+        self.final_activation, stripped = final_activation(self.specs)
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        in_shape: Shape = self.input_shape
+        for i, (spec, name) in enumerate(zip(self.specs, self.layer_names, strict=True)):
+            module = _build_layer(spec, in_shape, strip_activation=i == stripped)
+            if module is not None:
+                blocks[name] = module
+            in_shape = self.output_shapes[i]
+        self.layers = nn.Sequential(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)  # (B, C, H, W) float -> (B, num_classes) logits
+
+    def get_config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the model (JSON/YAML-friendly); see from_config."""
+        return {
+            "layers": spec_to_list(self.specs),
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CnnModel:
+        return cls(config["layers"], tuple(config["input_shape"]), config["num_classes"])
+
+
+def build_model(
+    layers: Sequence[Any], input_shape: tuple[int, int, int], num_classes: int
+) -> CnnModel:
+    """Build a CnnModel for images of `input_shape` (C, H, W) and `num_classes` classes."""
+    return CnnModel(layers, input_shape, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Keras-flavoured Python API: each function checks its arguments and returns the dict form,
+# so [Conv2D(32, (3, 3), activation="relu"), MaxPool2D(), Flatten(), Dense(10)] is a spec.
+
+
+def _layer(kind: str, args: dict[str, Any]) -> LayerDict:
+    _normalise(_ALIASES.get(kind, kind), args, kind)
+    return {kind: args}
+
+
+def Input(shape: Sequence[int], **kwargs: Any) -> LayerDict:
+    """keras.Input(shape=(H, W, C)): optional; checked against the data's shape."""
+    return _layer("Input", {"shape": shape, **kwargs})
+
+
+def Conv2D(filters: int, kernel_size: int | Sequence[int], **kwargs: Any) -> LayerDict:
+    return _layer("Conv2D", {"filters": filters, "kernel_size": kernel_size, **kwargs})
+
+
+def MaxPool2D(pool_size: int | Sequence[int] = 2, **kwargs: Any) -> LayerDict:
+    return _layer("MaxPool2D", {"pool_size": pool_size, **kwargs})
+
+
+def MaxPooling2D(pool_size: int | Sequence[int] = 2, **kwargs: Any) -> LayerDict:
+    return _layer("MaxPooling2D", {"pool_size": pool_size, **kwargs})
+
+
+def AveragePooling2D(pool_size: int | Sequence[int] = 2, **kwargs: Any) -> LayerDict:
+    return _layer("AveragePooling2D", {"pool_size": pool_size, **kwargs})
+
+
+def AvgPool2D(pool_size: int | Sequence[int] = 2, **kwargs: Any) -> LayerDict:
+    return _layer("AvgPool2D", {"pool_size": pool_size, **kwargs})
+
+
+def Dropout(rate: float, **kwargs: Any) -> LayerDict:
+    return _layer("Dropout", {"rate": rate, **kwargs})
+
+
+def Flatten(**kwargs: Any) -> LayerDict:
+    return _layer("Flatten", {**kwargs})
+
+
+def Dense(units: int, **kwargs: Any) -> LayerDict:
+    return _layer("Dense", {"units": units, **kwargs})
+
+
+def Rescaling(scale: float, offset: float = 0.0, **kwargs: Any) -> LayerDict:
+    return _layer("Rescaling", {"scale": scale, "offset": offset, **kwargs})
+
+
+def BatchNormalization(**kwargs: Any) -> LayerDict:
+    return _layer("BatchNormalization", {**kwargs})
+
+
+def Activation(activation: str | None, **kwargs: Any) -> LayerDict:
+    return _layer("Activation", {"activation": activation, **kwargs})
+
+
+def GlobalAveragePooling2D(**kwargs: Any) -> LayerDict:
+    return _layer("GlobalAveragePooling2D", {**kwargs})
+
+
+def GlobalMaxPooling2D(**kwargs: Any) -> LayerDict:
+    return _layer("GlobalMaxPooling2D", {**kwargs})

@@ -1,0 +1,154 @@
+"""Checkpoint and weights I/O: safetensors + model.json for weights, weights_only torch files for state."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from cnnlab import fileio
+from cnnlab.errors import CheckpointError
+from cnnlab.inference import Preprocessing
+from cnnlab.models import CnnModel, build_model
+
+WEIGHTS_FILE = "best.safetensors"
+MODEL_FILE = "model.json"
+LAST_CHECKPOINT = "last.ckpt"
+BUNDLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What model.json says: enough to rebuild the model and feed it images like training did."""
+
+    layers: list[Any]
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    model_name: str = ""
+    epoch: int = 0
+    monitor: str = ""
+    monitor_value: float | None = None
+    final_activation: str | None = "softmax"  # what the logits are turned into by callers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "model_name": self.model_name,
+            "layers": self.layers,
+            "classes": list(self.classes),
+            "num_classes": len(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "final_activation": self.final_activation,
+            "epoch": self.epoch,
+            "monitor": self.monitor,
+            "monitor_value": self.monitor_value,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelInfo:
+        return cls(
+            layers=raw["layers"],
+            classes=tuple(raw["classes"]),
+            preprocessing=Preprocessing.from_dict(raw["preprocessing"]),
+            model_name=raw.get("model_name", ""),
+            epoch=int(raw.get("epoch", 0)),
+            monitor=raw.get("monitor", ""),
+            monitor_value=raw.get("monitor_value"),
+            final_activation=raw.get("final_activation", "softmax"),
+        )
+
+
+def save_weights(
+    folder: Path, model: torch.nn.Module, info: ModelInfo, weights_name: str = WEIGHTS_FILE
+) -> None:
+    """Write `weights_name` (safetensors) then model.json, each atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fileio.write_bytes(folder / weights_name, save_safetensors_bytes(tensors))
+    fileio.write_text(folder / MODEL_FILE, json.dumps(info.to_dict(), indent=2) + "\n")
+
+
+def read_model_info(folder: Path) -> ModelInfo:
+    path = folder / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing, so the model cannot be rebuilt. Point to a run folder written "
+            "by `cnnlab train` (it holds model.json and best.safetensors)."
+        )
+    try:
+        return ModelInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc}). Re-run training to rewrite it.") from exc
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file with errors that name it (missing, empty, truncated, corrupt)."""
+    if not path.is_file():
+        raise CheckpointError(f"Weights file {path} does not exist. Train first or check the path.")
+    data = path.read_bytes()
+    if not data:
+        raise CheckpointError(
+            f"Weights file {path} is empty (0 bytes); it was never fully written."
+        )
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"Weights file {path} is corrupt or truncated ({exc}). Restore it or re-run training."
+        ) from exc
+
+
+def load_model(folder: Path, weights_name: str = WEIGHTS_FILE) -> tuple[CnnModel, ModelInfo]:
+    """Rebuild the model of a run folder from model.json and load its best weights."""
+    info = read_model_info(folder)
+    model = build_model(info.layers, info.preprocessing.input_shape, len(info.classes))
+    state = load_weights(folder / weights_name)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{folder / weights_name} does not match the model in {folder / MODEL_FILE}: {exc}"
+        ) from exc
+    model.eval()
+    return model, info
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """torch.save the full training state atomically: the previous file survives any crash."""
+    fileio.write_with(path, lambda handle: torch.save(checkpoint, handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load training state with weights_only=True; never falls back to full unpickling."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. A run writes last.ckpt after its first epoch "
+            "(or every --checkpoint-every-steps steps)."
+        )
+    data = path.read_bytes()
+    if not data:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes); it was never fully written.")
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"Refusing to load {path}: it holds Python objects other than tensors and plain data, "
+            "which could run code. cnnlab never unpickles such files. Use a checkpoint written by "
+            "cnnlab."
+        ) from exc
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}). "
+            "Resume from an earlier copy or start the run again."
+        ) from exc
+    if not isinstance(checkpoint, dict) or "loop" not in checkpoint:
+        raise CheckpointError(f"{path} is not a cnnlab training checkpoint.")
+    return checkpoint

@@ -1,0 +1,234 @@
+"""A training run from config to run folder: data, model, loop, checkpoints, metrics and curves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnlab.config import ModelConfig, RunConfig
+from cnnlab.data.balance import class_weights
+from cnnlab.data.prepare import PreparedData, prepare_data
+from cnnlab.errors import CnnlabError
+from cnnlab.inference import Preprocessing, select_device
+from cnnlab.models import build_model, preset_layers
+from cnnlab.reporting.images import save_augmentation_preview, save_sample_grid
+from cnnlab.reporting.plots import save_learning_curves
+from cnnlab.training import runs
+from cnnlab.training.checkpoint import (
+    LAST_CHECKPOINT,
+    ModelInfo,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from cnnlab.training.loop import Callback, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(CnnlabError):
+    """Ctrl-C stopped training cleanly; the last checkpoint was written."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            f"Training interrupted; the last checkpoint was saved in {run_dir / LAST_CHECKPOINT}. "
+            f"Resume with: cnnlab train --resume {run_dir}"
+        )
+        self.run_dir = run_dir
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run leaves behind."""
+
+    run_dir: Path
+    config: RunConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    stop_reason: str
+    seconds: float
+    data: PreparedData = field(repr=False)
+    model: torch.nn.Module = field(repr=False)
+    info: ModelInfo = field(repr=False)
+
+
+def resolve_layers(
+    model: ModelConfig, num_classes: int, input_shape: tuple[int, int, int]
+) -> list[Any]:
+    """The explicit layer list of the model config (a preset expands to its layers)."""
+    if model.layers:
+        return list(model.layers)
+    return preset_layers(model.preset or "fast", num_classes, input_shape=input_shape)
+
+
+def configure_threads(threads: int) -> None:
+    """Use the physical cores (or `threads`); more threads than cores slows small convolutions."""
+    if threads:
+        torch.set_num_threads(threads)
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
+
+
+class RunFolderWriter(Callback):
+    """Keeps the run folder current: metrics.csv each epoch, best weights, last.ckpt."""
+
+    def __init__(self, run_dir: Path, info: ModelInfo) -> None:
+        self.run_dir = run_dir
+        self.info = info
+
+    def on_best(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        self.info = replace(
+            self.info,
+            epoch=int(logs["epoch"]),
+            monitor=trainer.monitor,
+            monitor_value=float(logs[trainer.monitor]),
+        )
+        save_weights(self.run_dir, trainer.model, self.info)
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        runs.write_metrics(self.run_dir, trainer.state.history)
+
+    def on_checkpoint(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        save_checkpoint(self.run_dir / LAST_CHECKPOINT, trainer.state_dict())
+
+
+@contextmanager
+def stop_on_sigint(trainer: Trainer) -> Iterator[None]:
+    """First Ctrl-C asks the loop to stop after the current step; a second one aborts at once."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. a background job
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        log.warning("Stopping after the current step (press Ctrl-C again to abort at once)...")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def build_trainer(
+    config: RunConfig, data: PreparedData, callbacks: Sequence[Callback]
+) -> tuple[Trainer, ModelInfo]:
+    layers = resolve_layers(config.model, data.num_classes, data.input_shape)
+    torch.manual_seed(config.seed)  # weight initialisation depends on the seed alone
+    model = build_model(layers, data.input_shape, data.num_classes)
+    prep = Preprocessing(
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+        color_mode=data.color_mode,
+        resize=data.resize,
+    )
+    info = ModelInfo(
+        layers=layers,
+        classes=data.classes,
+        preprocessing=prep,
+        model_name=config.model.preset or "custom",
+        final_activation=model.final_activation,
+    )
+    t = config.train
+    weights = sample_weights = None
+    if t.balance == "weights":
+        weights = class_weights(data.train.labels, data.num_classes)
+    elif t.balance == "sampler":
+        per_class = class_weights(data.train.labels, data.num_classes)
+        sample_weights = per_class[data.train.labels]
+    trainer = Trainer(
+        model,
+        t,
+        data.train,
+        data.val,
+        prep,
+        augment=data.augment,
+        seed=config.seed,
+        device=select_device(t.device),
+        callbacks=callbacks,
+        class_weights=weights,
+        sample_weights=sample_weights,
+    )
+    return trainer, info
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    resume: str | Path | None = None,
+    run_dir: Path | None = None,
+) -> TrainResult:
+    """Train per `config` into a new run folder (or continue the run folder `resume`)."""
+    started = time.perf_counter()
+    checkpoint = None
+    if resume is not None:
+        run_dir = runs.resolve_run_dir(resume)
+        config = runs.read_config(run_dir)
+        checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    configure_threads(config.train.threads)
+    data = prepare_data(config.data, config.seed)
+    layers = resolve_layers(config.model, data.num_classes, data.input_shape)
+    config = replace(config, model=replace(config.model, layers=layers))
+    if run_dir is None:
+        run_dir = runs.new_run_dir(config.project, config.name)
+    if checkpoint is None:
+        runs.write_config(run_dir, config)
+        runs.write_splits(run_dir, data.split_rows)
+        _write_data_previews(run_dir, data, config.seed)
+    writer = RunFolderWriter(run_dir, ModelInfo([], (), Preprocessing((1, 1, 1))))
+    trainer, info = build_trainer(config, data, [writer, *callbacks])
+    writer.info = info
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        log.info(
+            "Resuming %s at epoch %d, step %d",
+            run_dir,
+            trainer.state.epoch + 1,
+            trainer.state.step_in_epoch,
+        )
+    with stop_on_sigint(trainer):
+        trainer.fit()
+    if trainer.stop_requested and not trainer.state.stop_reason:
+        save_checkpoint(run_dir / LAST_CHECKPOINT, trainer.state_dict())
+        raise TrainingInterrupted(run_dir)
+    if trainer.state.history:
+        save_learning_curves(
+            trainer.state.history, run_dir / "curves.png", best_epoch=trainer.state.best_epoch
+        )
+    return TrainResult(
+        run_dir=run_dir,
+        config=config,
+        history=trainer.state.history,
+        best_epoch=trainer.state.best_epoch,
+        stop_reason=trainer.state.stop_reason,
+        seconds=time.perf_counter() - started,
+        data=data,
+        model=trainer.model,
+        info=writer.info,
+    )
+
+
+def _write_data_previews(run_dir: Path, data: PreparedData, seed: int) -> None:
+    images, labels = data.train.images, data.train.labels
+    save_sample_grid(images, labels, data.classes, run_dir / "samples.png")
+    if data.augment.shift or data.augment.flip:
+        generator = torch.Generator().manual_seed(seed)
+        save_augmentation_preview(images[:8], data.augment, generator, run_dir / "augmentation.png")
