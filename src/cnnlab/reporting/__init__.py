@@ -1,0 +1,1 @@
+"""Plots and reports of a run: matplotlib figures saved as PNG, and the HTML report."""
