@@ -34,7 +34,8 @@ class PreparedData:
     augment: Augment
     color_mode: str
     resize: str
-    split_rows: list[tuple[str, str, int]] = field(default_factory=list)  # (id, split, label)
+    split_rows: list[tuple[str, str, object]] = field(default_factory=list)  # (id, split, label)
+    split_header: tuple[str, str, str] = ("id", "split", "label")
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,11 +111,12 @@ def _prepare_registry(config: DataConfig, seed: int, download: bool) -> Prepared
 
 
 def _prepare_folder(config: DataConfig, seed: int) -> PreparedData:
+    from cnnlab.data.check import load_warnings
     from cnnlab.data.folder import load_folder
 
     dataset, info = load_folder(
         Path(config.path),  # type: ignore[arg-type]
-        image_size=tuple(config.image_size) if config.image_size else None,
+        image_size=tuple(config.image_size) if config.image_size else None,  # type: ignore[arg-type]
         color_mode=config.color_mode,
         resize=config.resize,
         val_split=config.val_split or 0.0,
@@ -122,26 +124,32 @@ def _prepare_folder(config: DataConfig, seed: int) -> PreparedData:
         seed=seed,
         splits_file=Path(config.splits_file) if config.splits_file else None,
     )
+    for line in info.summary_lines():
+        log.info(line)
+    warnings = load_warnings(dataset)
+    if warnings:
+        log.warning("Dataset check found:\n  - %s", "\n  - ".join(warnings))
     train, _ = _limit(dataset.train, config.limit, seed)
-    val = (
-        dataset.val
-        if dataset.val is not None
-        else ImageSet(
-            torch.empty((0, *train.shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-        )
+    empty = ImageSet(
+        torch.empty((0, *train.shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     )
-    channels = dataset.input_shape[0]
+    rows = [
+        (rel, split, dataset.classes[label])
+        for split, items in info.splits.items()
+        for rel, label in items
+    ]
     return PreparedData(
         name=str(config.path),
         classes=dataset.classes,
         train=train,
-        val=val,
+        val=dataset.val if dataset.val is not None else empty,
         test=dataset.test,
         mean=None,
         std=None,
         augment=Augment(shift=config.augment.shift, flip=config.augment.flip),
-        color_mode="grayscale" if channels == 1 else "rgb",
-        resize=config.resize,
-        split_rows=[],
-        notes={"folder_info": info, **dataset.notes},
+        color_mode=info.color_mode,
+        resize=info.resize,
+        split_rows=rows,
+        split_header=("path", "split", "label"),
+        notes={"folder": info.summary_lines(), "warnings": warnings, **dataset.notes},
     )
