@@ -81,15 +81,15 @@ def train(
         )
         write_evaluation(result.run_dir, evaluation)
     if report:
-        write_report_if_available(result.run_dir)
+        write_report_if_available(result.run_dir, evaluation)
     return Run(result.run_dir, result, evaluation)
 
 
-def write_report_if_available(run_dir: Path) -> Path | None:
+def write_report_if_available(run_dir: Path, evaluation: Evaluation | None = None) -> Path | None:
     """Write report.html for the run (the reporting module owns the page)."""
     from cnnlab.reporting.report import write_report
 
-    return write_report(run_dir)
+    return write_report(run_dir, evaluation)
 
 
 def evaluate(run: str | Path, split: str = "test", tta_flip: bool | None = None) -> Evaluation:

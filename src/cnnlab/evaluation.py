@@ -84,6 +84,44 @@ def expected_calibration_error(
     return float(total / labels.size)
 
 
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Equal-width confidence bins of a reliability diagram (the bins expected_calibration_error uses)."""
+
+    edges: np.ndarray  # (B + 1,) from 0 to 1
+    counts: np.ndarray  # (B,) images whose top probability falls in the bin
+    accuracy: np.ndarray  # (B,) fraction right in the bin; nan where empty
+    confidence: np.ndarray  # (B,) mean top probability in the bin; nan where empty
+
+    @property
+    def expected_calibration_error(self) -> float:
+        """The support-weighted mean |accuracy - confidence|; equals expected_calibration_error."""
+        used = self.counts > 0
+        total = self.counts.sum()
+        if total == 0:
+            return 0.0
+        gaps = np.abs(self.accuracy[used] - self.confidence[used])
+        return float((self.counts[used] * gaps).sum() / total)
+
+
+def reliability_bins(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
+) -> ReliabilityBins:
+    """Per-bin accuracy, mean confidence and count, binned exactly like expected_calibration_error."""
+    confidence = probabilities.max(1) if labels.size else np.zeros(0)
+    correct = probabilities.argmax(1) == labels if labels.size else np.zeros(0, dtype=bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins).astype(np.int64)
+    accuracy = np.full(bins, np.nan)
+    mean_confidence = np.full(bins, np.nan)
+    for b in np.flatnonzero(counts):
+        in_bin = which == b
+        accuracy[b] = correct[in_bin].mean()
+        mean_confidence[b] = confidence[in_bin].mean()
+    return ReliabilityBins(edges, counts, accuracy, mean_confidence)
+
+
 def metrics_from_logits(
     logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], split: str = "test"
 ) -> Evaluation:
