@@ -115,8 +115,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, dest, None)
         if value is not None:
             overrides[key] = value
-    if getattr(args, "data", None) is not None and getattr(args, "dataset", None) is None:
-        overrides["data.dataset"] = "folder"
     if args.augment:
         overrides.setdefault("data.augment.shift", 0.1)
         overrides.setdefault("data.augment.flip", True)
@@ -131,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from cnnlab.data.registry import list_datasets
 
-    data_dir = Path(args.data_dir) if args.data_dir else None
+    data_dir = existing_folder(args.data_dir, "--data-dir") if args.data_dir else None
     rows = []
     for source in list_datasets():
         h, w, c = source.image_shape
@@ -160,6 +158,16 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         "\n'here: no' datasets download on first use (or see `cnnlab train --help` for --data-dir)."
     )
     return EXIT_OK
+
+
+def existing_folder(value: str, flag: str) -> Path:
+    """A folder argument that must exist (and be a folder), or a ConfigError saying so."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{flag} {path} does not exist. Check the path or create the folder.")
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give the folder that holds the files.")
+    return path
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -261,6 +269,8 @@ def format_matrix(matrix: Any, classes: Sequence[str]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnlab.evaluation import predict_files
 
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be 1 or more, got {args.top_k}. Try --top-k 3.")
     predictions, skipped = predict_files(args.run, args.images, top_k=args.top_k)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -280,7 +290,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for rank, (name, prob) in enumerate(p.top, 1):
                 out(f"  {rank}. {name:<24} {prob:7.2%}")
     if not predictions:
-        raise CnnlabError("No image could be read; see the reasons above.")
+        raise CnnlabError(
+            "No image could be read; see the reasons above. Give PNG, JPEG, WebP, BMP or GIF "
+            "files, or folders holding them."
+        )
     return EXIT_OK
 
 
@@ -486,6 +499,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # the environment, not a bug: a full disk, a read-only folder
+        if debug:
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One paragraph for an operating-system error that escaped the library's own checks."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"The disk is full{where}. Free some space or write elsewhere, then retry."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"Permission denied{where}. Choose a folder you can write to (--project) or fix "
+            "its permissions, then retry."
+        )
+    return f"{exc.strerror or exc}{where}. Check the path and retry (--debug shows details)."
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ class CheckpointError(CnnlabError):
     """A run folder, checkpoint or weights file is missing, corrupt or unsafe."""
 
 
+class WriteError(CnnlabError):
+    """An output file cannot be written (read-only folder, disk full, missing folder)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

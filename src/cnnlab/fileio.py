@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import WriteError
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -21,16 +25,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except FileNotFoundError as exc:
-        raise CnnlabError(f"Cannot write {path}: folder {path.parent} does not exist.") from exc
-    except PermissionError as exc:
-        raise CnnlabError(
-            f"Cannot write {path}: no permission to create files in {path.parent}. "
-            "Choose another output folder or fix its permissions."
-        ) from exc
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; usual mode instead
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -38,15 +38,39 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         _fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise CnnlabError(
-                f"Disk full while writing {path}; the previous version is untouched. "
-                "Free some space and retry."
-            ) from exc
-        raise
+        raise write_error(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """A WriteError naming the file, the cause and the fix; the previous version is untouched."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(
+            f"Disk full while writing {path}; the previous version of the file is untouched. "
+            "Free some space (or write elsewhere with --project) and retry."
+        )
+    if exc.errno == errno.ENOENT:
+        return WriteError(
+            f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
+            "another output folder."
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteError(
+            f"Cannot write {path}: no permission to write in {path.parent} "
+            f"({exc.strerror or exc}). Choose a writable output folder (--project) or fix its "
+            "permissions."
+        )
+    if exc.errno == errno.ENOTDIR:
+        return WriteError(
+            f"Cannot write {path}: {path.parent} is a file, not a folder. Choose another "
+            "output folder."
+        )
+    return WriteError(
+        f"Cannot write {path}: {exc.strerror or exc}. The previous version of the file is "
+        "untouched; fix the cause and retry."
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from cnnlab.config import ModelConfig, RunConfig
+from cnnlab.config import DEFAULT_PRESET, ModelConfig, RunConfig
 from cnnlab.data.balance import class_weights
 from cnnlab.data.prepare import PreparedData, prepare_data
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CheckpointError, CnnlabError, ConfigError, DataError
 from cnnlab.inference import Preprocessing, select_device
 from cnnlab.models import build_model, preset_layers
 from cnnlab.reporting.images import save_augmentation_preview, save_sample_grid
@@ -67,7 +67,7 @@ def resolve_layers(
     """The explicit layer list of the model config (a preset expands to its layers)."""
     if model.layers:
         return list(model.layers)
-    return preset_layers(model.preset or "fast", num_classes, input_shape=input_shape)
+    return preset_layers(model.preset or DEFAULT_PRESET, num_classes, input_shape=input_shape)
 
 
 def configure_threads(threads: int) -> None:
@@ -143,7 +143,7 @@ def build_trainer(
         layers=layers,
         classes=data.classes,
         preprocessing=prep,
-        model_name=config.model.preset or "custom",
+        model_name=config.model.preset or "custom",  # a preset's name, or custom layers
         final_activation=model.final_activation,
     )
     t = config.train
@@ -180,24 +180,34 @@ def train_run(
     started = time.perf_counter()
     checkpoint = None
     if resume is not None:
-        run_dir = runs.resolve_run_dir(resume)
-        config = runs.read_config(run_dir)
-        checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+        run_dir, config, checkpoint = _open_for_resume(resume)
     configure_threads(config.train.threads)
-    data = prepare_data(config.data, config.seed)
+    data = _prepare(config, run_dir if resume is not None else None)
+    if config.train.batch_size > len(data.train):
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} is larger than the "
+            f"{len(data.train):,} training images, so no full batch can be formed. Use "
+            f"--batch-size {len(data.train)} or less (32 to 128 are usual)."
+        )
     layers = resolve_layers(config.model, data.num_classes, data.input_shape)
-    config = replace(config, model=replace(config.model, layers=layers))
+    if not config.model.layers:  # record the preset's layers, so the config file stands alone
+        preset = config.model.preset or DEFAULT_PRESET
+        config = replace(config, model=replace(config.model, preset=preset, layers=layers))
     if run_dir is None:
         run_dir = runs.new_run_dir(config.project, config.name)
-    if checkpoint is None:
+    if resume is None:
         runs.write_config(run_dir, config)
-        runs.write_splits(run_dir, data.split_rows)
+    if checkpoint is None:
+        runs.write_splits(run_dir, data.split_rows, data.split_header)
         _write_data_previews(run_dir, data, config.seed)
+    log.info(
+        "Run folder %s (if training stops, resume with: cnnlab train --resume %s)", *[run_dir] * 2
+    )
     writer = RunFolderWriter(run_dir, ModelInfo([], (), Preprocessing((1, 1, 1))))
     trainer, info = build_trainer(config, data, [writer, *callbacks])
     writer.info = info
     if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
+        _restore(trainer, checkpoint, run_dir)
         log.info(
             "Resuming %s at epoch %d, step %d",
             run_dir,
@@ -206,9 +216,13 @@ def train_run(
         )
     with stop_on_sigint(trainer):
         trainer.fit()
-    if trainer.stop_requested and not trainer.state.stop_reason:
+    finished = bool(trainer.state.stop_reason) or trainer.state.epoch >= config.train.epochs
+    if trainer.stop_requested and not finished:
         save_checkpoint(run_dir / LAST_CHECKPOINT, trainer.state_dict())
         raise TrainingInterrupted(run_dir)
+    restore = config.train.early_stopping.restore_best and trainer.best_weights is not None
+    if trainer.stop_requested and restore:  # fit() skips the restore when asked to stop
+        trainer.model.load_state_dict(trainer.best_weights)
     if trainer.state.history:
         save_learning_curves(
             trainer.state.history, run_dir / "curves.png", best_epoch=trainer.state.best_epoch
@@ -224,6 +238,59 @@ def train_run(
         model=trainer.model,
         info=writer.info,
     )
+
+
+def _open_for_resume(resume: str | Path) -> tuple[Path, RunConfig, dict[str, Any] | None]:
+    """The run folder, its config and last checkpoint (None: killed before the first one)."""
+    run_dir = runs.resolve_run_dir(resume)
+    config = runs.read_config(run_dir)
+    runs.remove_temp_files(run_dir)
+    if not (run_dir / LAST_CHECKPOINT).exists():
+        log.warning(
+            "%s has no %s yet (stopped before its first checkpoint); training it from the start.",
+            run_dir,
+            LAST_CHECKPOINT,
+        )
+        return run_dir, config, None
+    checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    loop = checkpoint.get("loop")
+    done = isinstance(loop, dict) and (
+        loop.get("stop_reason") or int(loop.get("epoch", 0)) >= config.train.epochs
+    )
+    if done:
+        raise CheckpointError(
+            f"Run {run_dir} already finished ({loop.get('stop_reason') or 'all epochs done'}); "
+            "there is nothing to resume. Its results are in that folder (`cnnlab evaluate "
+            f"{run_dir}` recomputes the test metrics). To train longer, start a new run: "
+            f"cnnlab train --config {run_dir / runs.CONFIG_FILE} --epochs N"
+        )
+    return run_dir, config, checkpoint
+
+
+def _prepare(config: RunConfig, resuming: Path | None) -> PreparedData:
+    """prepare_data, saying which run needs the data when a resumed run's data is gone."""
+    try:
+        return prepare_data(config.data, config.seed)
+    except CnnlabError as exc:
+        if resuming is None:
+            raise
+        raise DataError(
+            f"Cannot resume {resuming}: its data is not available any more. {exc} Put the data "
+            f"back where {resuming / runs.CONFIG_FILE} says (data.dataset / data.path / "
+            "data.data_dir), then resume again."
+        ) from exc
+
+
+def _restore(trainer: Trainer, checkpoint: dict[str, Any], run_dir: Path) -> None:
+    """Load the checkpoint into the trainer; a mismatch is a CheckpointError, not a traceback."""
+    try:
+        trainer.load_state_dict(checkpoint)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{run_dir / LAST_CHECKPOINT} does not fit the run's model and data "
+            f"({type(exc).__name__}: {str(exc)[:300]}). Was the data or config.yaml changed? "
+            "Restore them, or start a new run."
+        ) from exc
 
 
 def _write_data_previews(run_dir: Path, data: PreparedData, seed: int) -> None:

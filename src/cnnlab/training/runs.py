@@ -72,6 +72,16 @@ def resolve_run_dir(path: str | Path) -> Path:
     return path
 
 
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files an atomic write leaves when the process is killed mid-write."""
+    removed = []
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, written into config.yaml for people to read (ignored on load)."""
     from cnnlab import __version__
@@ -126,11 +136,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
         ]
 
 
-def write_splits(run_dir: Path, rows: list[tuple[str, str, int]]) -> None:
-    """splits.csv: one row per training image: id (or path), split, label."""
+def write_splits(
+    run_dir: Path, rows: list[tuple[str, str, object]], header: tuple[str, ...] = ("id", "split", "label")
+) -> None:
+    """splits.csv: one row per image: id (or folder-relative path), split, label.
+
+    For folder datasets this is the file `--splits` reads back.
+    """
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["id", "split", "label"])
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
     writer.writerows(rows)
     fileio.write_text(run_dir / SPLITS_FILE, buffer.getvalue())
 
