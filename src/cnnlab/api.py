@@ -18,6 +18,7 @@ from cnnlab.evaluation import (
 )
 from cnnlab.models import format_summary, preset_layers, summarize
 from cnnlab.models.summary import ModelSummary
+from cnnlab.training.checkpoint import load_model
 from cnnlab.training.loop import Callback
 from cnnlab.training.run import TrainResult, train_run
 
@@ -59,9 +60,9 @@ def train(
     report: bool = True,
     **overrides: Any,
 ) -> Run:
-    """Train a model, evaluate it on the test set and write the run report.
+    """Train a model, evaluate its best weights on the test set and write the run report.
 
-    >>> run = train(data__dataset="digits", model__preset="tiny", train__epochs=5)
+    >>> run = train(data__dataset="digits", model__preset="fast", train__epochs=5)
     >>> run.test_accuracy
     """
     result = train_run(
@@ -71,25 +72,22 @@ def train(
     )
     evaluation = None
     if evaluate and result.data.test is not None and len(result.data.test) > 0:
+        # The saved best weights, as `cnnlab evaluate` reads them, so both give equal numbers.
+        model, info = load_model(result.run_dir)
         evaluation = evaluate_model(
-            result.model,
+            model,
             result.data.test,
-            result.info.preprocessing,
-            result.info.classes,
+            info.preprocessing,
+            info.classes,
             batch_size=result.config.train.eval_batch_size,
             tta_flip=result.config.train.tta_flip,
         )
         write_evaluation(result.run_dir, evaluation)
     if report:
-        write_report_if_available(result.run_dir, evaluation)
+        from cnnlab.reporting.report import write_report
+
+        write_report(result.run_dir, evaluation, result.data)
     return Run(result.run_dir, result, evaluation)
-
-
-def write_report_if_available(run_dir: Path, evaluation: Evaluation | None = None) -> Path | None:
-    """Write report.html for the run (the reporting module owns the page)."""
-    from cnnlab.reporting.report import write_report
-
-    return write_report(run_dir, evaluation)
 
 
 def evaluate(run: str | Path, split: str = "test", tta_flip: bool | None = None) -> Evaluation:

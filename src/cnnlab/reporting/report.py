@@ -52,14 +52,17 @@ class _RunContext:
     evaluation: Evaluation | None
 
 
-def write_report(run_dir: Path, evaluation: Evaluation | None = None) -> Path:
+def write_report(
+    run_dir: Path, evaluation: Evaluation | None = None, data: PreparedData | None = None
+) -> Path:
     """Write RUN/report.html and return its path.
 
     `evaluation` is the run's test evaluation (as api.train computed it); when None the test
     split is evaluated here exactly like `cnnlab evaluate RUN` does, so the numbers agree.
+    `data` is the run's prepared data when the caller has it in memory (saves reloading it).
     """
     run_dir = runs.resolve_run_dir(run_dir)
-    context = _load(run_dir, evaluation)
+    context = _load(run_dir, evaluation, data)
     sections = [_overview(context), _model_section(context), _curves_section(context)]
     evaluation, test = context.evaluation, context.data.test
     if evaluation is not None and test is not None:
@@ -81,10 +84,11 @@ def write_report(run_dir: Path, evaluation: Evaluation | None = None) -> Path:
     return path
 
 
-def _load(run_dir: Path, evaluation: Evaluation | None) -> _RunContext:
+def _load(run_dir: Path, evaluation: Evaluation | None, data: PreparedData | None) -> _RunContext:
     config = runs.read_config(run_dir)
     model, info = load_model(run_dir)
-    data = prepare_data(config.data, config.seed)
+    if data is None:
+        data = prepare_data(config.data, config.seed)
     test = data.test
     if test is None or len(test) == 0:
         evaluation = None
