@@ -52,5 +52,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Benchmarks (not part of `make test`); see README "Performance".
+KERAS_VENV := .venv-keras
+KERAS_STAMP := $(KERAS_VENV)/.installed-stamp
+
+$(KERAS_STAMP): benchmarks/requirements-keras.txt
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements-keras.txt
+	touch $(KERAS_STAMP)
+
+# cnnlab against Keras 3 / TensorFlow on tiny, basic and dropout, alternating, in one run.
+bench-keras: $(STAMP) $(KERAS_STAMP) fashion-mnist
+	$(BIN)/python benchmarks/bench_keras.py --keras-python $(KERAS_VENV)/bin/python --epochs 5
+
+# The default recipe to 93% on Fashion-MNIST: 3 seeds, training and whole-command wall time.
+bench-speed: $(STAMP) fashion-mnist
+	$(BIN)/python benchmarks/bench_time_to_accuracy.py --seeds 0 1 2
+
+# Matmul ceiling, training GFLOP/s and eval images/s of every preset.
+bench: $(STAMP)
+	$(BIN)/cnnlab bench
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(KERAS_VENV) runs .pytest_cache

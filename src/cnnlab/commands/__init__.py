@@ -6,4 +6,13 @@ sub-parser to add arguments to; handlers take the parsed arguments and return an
 
 from __future__ import annotations
 
-COMMANDS: list = []
+from cnnlab.commands import bench, check, compare, explain, report, tune
+
+COMMANDS: list = [
+    check.register,
+    report.register,
+    compare.register,
+    explain.register,
+    tune.register,
+    bench.register,
+]

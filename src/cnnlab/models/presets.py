@@ -84,17 +84,26 @@ def _conv_bn_gelu(filters: int) -> list[LayerDict]:
     ]
 
 
+def _conv_pool_bn_gelu(filters: int) -> list[LayerDict]:
+    # airbench's order: pool straight after the conv, so BatchNorm and GELU (a third of a step's
+    # time at full resolution) run on a quarter of the pixels. 1.3-1.4x faster training on CPU.
+    return [
+        Conv2D(filters, (3, 3), padding="same", use_bias=False),
+        MaxPool2D((2, 2), padding="same"),
+        BatchNormalization(momentum=0.9),
+        Activation("gelu"),
+    ]
+
+
 def _fast(num_classes: int) -> list[LayerDict]:
     # airbench-style: conv-BN-GELU blocks, width doubling as the resolution halves, a global max
     # pool and one linear layer. Pooling right after the first conv keeps the wide layers at
-    # 14x14 and 7x7: 16.7 MFLOP and 137,026 params on 28x28x1 (pooling after the second conv
+    # 14x14 and 7x7: 16.6 MFLOP and 137,026 params on 28x28x1 (pooling after the second conv
     # instead costs 41 MFLOP for half the training speed). 'same' padding throughout, so any
     # input size fits.
     return [
-        *_conv_bn_gelu(24),
-        MaxPool2D((2, 2), padding="same"),
-        *_conv_bn_gelu(48),
-        MaxPool2D((2, 2), padding="same"),
+        *_conv_pool_bn_gelu(24),
+        *_conv_pool_bn_gelu(48),
         *_conv_bn_gelu(96),
         *_conv_bn_gelu(96),
         GlobalMaxPooling2D(),

@@ -19,7 +19,7 @@ from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import Augment, augment_batch
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import CnnlabError
-from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
+from cnnlab.inference import Preprocessing, predict_logits, prepare_batch, train_autocast_for
 from cnnlab.training.metrics import classification_metrics
 from cnnlab.training.schedules import lr_at
 
@@ -242,7 +242,7 @@ class Trainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast_for(self.device, self.config.amp):
+        with train_autocast_for(self.device, self.config.amp):
             logits = self.forward(inputs)
         loss = F.cross_entropy(
             logits.float(),
@@ -250,25 +250,31 @@ class Trainer:
             weight=self.class_weights,
             label_smoothing=self.config.label_smoothing,
         )
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"Training stopped at epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
-                f"the loss became {loss.item()}. The saved checkpoints keep the last finite state. "
-                "Lower the learning rate (--lr), check the data for NaN pixels, or add "
-                "BatchNormalization."
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        # NaN/inf in any gradient makes the sum of norms non-finite.
+        grad_norms = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
+        correct = (logits.argmax(1) == labels).sum()
+        # One device-to-host transfer per step for the loss, the finiteness check and the
+        # accuracy count (was four syncs; each one stalls a GPU's queue).
+        stats = torch.stack([loss.detach(), grad_norms.detach().float(), correct.float()])
+        loss_value, grad_value, correct_value = stats.tolist()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"Training stopped at epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
+                f"the loss became {loss_value}. The saved checkpoints keep the last finite state. "
+                "Lower the learning rate (--lr), check the data for NaN pixels, or add "
+                "BatchNormalization."
+            )
+        if not math.isfinite(grad_value):
             raise NonFiniteLossError(
                 f"Training stopped at epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
                 "a gradient became NaN or infinite. The saved checkpoints keep the last finite "
                 "state. Lower the learning rate (--lr)."
             )
-        self.optimizer.step()
-        correct = int((logits.argmax(1) == labels).sum())
-        return float(loss.detach()), correct
+        self.optimizer.step()  # only after both checks: a bad step never reaches the weights
+        return loss_value, int(correct_value)
 
     def _checkpoint_due(self) -> bool:
         every_steps = self.config.checkpoint_every_steps
@@ -293,7 +299,7 @@ class Trainer:
             "train_accuracy": s.epoch_correct / max(s.epoch_seen, 1),
         }
         row.update(self.validate())
-        row["lr"] = self.current_lr()
+        row["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate of the epoch's last step
         row["seconds"] = s.epoch_seconds
         s.epoch += 1
         s.step_in_epoch = 0

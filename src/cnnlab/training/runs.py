@@ -137,7 +137,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def write_splits(
-    run_dir: Path, rows: list[tuple[str, str, object]], header: tuple[str, ...] = ("id", "split", "label")
+    run_dir: Path,
+    rows: list[tuple[str, str, object]],
+    header: tuple[str, ...] = ("id", "split", "label"),
 ) -> None:
     """splits.csv: one row per image: id (or folder-relative path), split, label.
 

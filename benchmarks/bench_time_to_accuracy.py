@@ -1,0 +1,115 @@
+"""Time to accuracy: cnnlab's default recipe on Fashion-MNIST, over several seeds.
+
+Runs the plain command `cnnlab train --dataset fashion-mnist` (no model named: the default
+recipe) once per seed and reports test accuracy, training time (the per-epoch `seconds` of
+metrics.csv: optimisation steps only), training time with validation, and the wall time of the
+whole command (start-up, data loading, training, test evaluation, report).
+
+    .venv/bin/python benchmarks/bench_time_to_accuracy.py              # 3 seeds, the defaults
+    .venv/bin/python benchmarks/bench_time_to_accuracy.py --epochs 30  # the longer recipe
+    .venv/bin/python benchmarks/bench_time_to_accuracy.py --set train.lr=0.002
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cnnlab_command, machine_line, run, spread, table
+
+TEST_LINE = re.compile(r"Test: loss [\d.]+, accuracy ([\d.]+)")
+TOOK_LINE = re.compile(r"Training took ([\d.]+)s")
+
+
+def one_run(seed: int, project: Path, extra: list[str]) -> dict[str, float]:
+    cmd = [
+        *cnnlab_command(),
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--seed",
+        str(seed),
+        "--project",
+        str(project),
+        "--name",
+        f"seed{seed}",
+        "--quiet",
+        *extra,
+    ]
+    started = time.perf_counter()
+    done = run(cmd)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"cnnlab train failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    test = TEST_LINE.search(done.stdout)
+    took = TOOK_LINE.search(done.stdout)
+    run_dir = Path(done.stdout.strip().splitlines()[-1].removeprefix("Results saved to ").strip())
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        "seed": seed,
+        "test_accuracy": float(test.group(1)) if test else float("nan"),
+        "train_seconds": sum(float(r["seconds"]) for r in rows),
+        "train_val_seconds": float(took.group(1)) if took else float("nan"),
+        "wall_seconds": wall,
+        "epochs": len(rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, help="override the default recipe's epochs")
+    parser.add_argument("--target", type=float, default=0.93, help="test accuracy to reach")
+    parser.add_argument("--budget", type=float, default=90.0, help="training seconds allowed")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    if args.set:
+        extra += ["--set", *args.set]
+    print(machine_line())
+    print("command: cnnlab train --dataset fashion-mnist --seed S " + " ".join(extra))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cnnlab-tta-") as tmp:
+        for seed in args.seeds:
+            r = one_run(seed, Path(tmp), extra)
+            results.append(r)
+            print(
+                f"seed {seed}: test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs; "
+                f"training {r['train_seconds']:.1f}s (with validation {r['train_val_seconds']:.1f}s), "
+                f"whole command {r['wall_seconds']:.1f}s",
+                flush=True,
+            )
+    acc = [r["test_accuracy"] for r in results]
+    train = [r["train_seconds"] for r in results]
+    print()
+    print(
+        table(
+            ["figure", "mean ± std (min-max)"],
+            [
+                ["test accuracy", spread(acc)],
+                ["training seconds (steps)", spread(train)],
+                [
+                    "training seconds (with validation)",
+                    spread([r["train_val_seconds"] for r in results]),
+                ],
+                ["whole command seconds", spread([r["wall_seconds"] for r in results])],
+            ],
+        )
+    )
+    mean_acc, mean_train = sum(acc) / len(acc), sum(train) / len(train)
+    verdict = "met" if mean_acc >= args.target and mean_train <= args.budget else "NOT met"
+    print(
+        f"\ntarget {args.target:.1%} mean test accuracy within {args.budget:.0f}s of training: "
+        f"{verdict} ({mean_acc:.2%} in {mean_train:.1f}s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

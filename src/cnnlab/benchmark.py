@@ -1,0 +1,176 @@
+"""Machine benchmarks behind `cnnlab bench`: matmul ceiling, training GFLOP/s per preset, eval images/s."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.inference import (
+    Preprocessing,
+    predict_logits,
+    prepare_batch,
+    select_device,
+    train_autocast_for,
+)
+from cnnlab.models import build_model, preset_layers, summarize_model
+
+TRAIN_FLOPS_PER_FORWARD = 3  # backward ~ 2x forward (input and weight gradients)
+
+
+@dataclass
+class Ceiling:
+    """Measured dense matmul throughput, GFLOP/s (best of several timed rounds)."""
+
+    dtype: str
+    size: int
+    gflops: float
+
+
+@dataclass
+class PresetBench:
+    """Training and evaluation throughput of one preset."""
+
+    preset: str
+    precision: str  # "fp32" or "bf16 autocast"
+    batch_size: int
+    forward_flops: int  # per image, counted by cnnlab.models.summarize
+    train_images_per_second: float  # median over rounds
+    train_images_per_second_best: float
+    train_gflops: float  # median, at TRAIN_FLOPS_PER_FORWARD x forward FLOPs
+    eval_images_per_second: float  # predict_logits on uint8 images, median
+
+    def fraction_of(self, ceiling: Ceiling) -> float:
+        return self.train_gflops / ceiling.gflops
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def matmul_ceiling(
+    size: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    *,
+    rounds: int = 5,
+    device: torch.device | None = None,
+) -> Ceiling:
+    """GFLOP/s of a square (size x size) @ (size x size) matmul: 2 * size**3 FLOPs each.
+
+    The best round counts: a ceiling is what the machine can do, and on a shared machine the
+    slower rounds measure the neighbours. size=2048 in fp32 takes ~0.2 s a round on 2 cores.
+    """
+    device = device or torch.device("cpu")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up: thread pool, packing buffers
+    flops = 2 * size**3
+    best = max(flops / _timed(lambda: a @ b, device) for _ in range(max(rounds, 1)))
+    return Ceiling(dtype=str(dtype).removeprefix("torch."), size=size, gflops=best / 1e9)
+
+
+class _Stepper:
+    """One preset's model, optimiser and a fixed batch; `step()` is one training step as the
+    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, Adam)."""
+
+    def __init__(
+        self,
+        preset: str,
+        input_shape: tuple[int, int, int],
+        batch_size: int,
+        device: torch.device,
+        amp: bool,
+        num_classes: int = 10,
+    ) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(
+            preset_layers(preset, num_classes, input_shape), input_shape, num_classes
+        )
+        self.model = self.model.to(device).to(memory_format=torch.channels_last)
+        self.flops = summarize_model(self.model).flops
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)
+        self.prep = Preprocessing(input_shape)
+        self.images = torch.randint(
+            0, 256, (batch_size, *input_shape), dtype=torch.uint8, device=device
+        )
+        self.labels = torch.randint(0, num_classes, (batch_size,), device=device)
+        self.device, self.amp, self.batch_size = device, amp, batch_size
+
+    def step(self) -> None:
+        inputs = prepare_batch(self.images, self.prep, self.device, channels_last=True)
+        with train_autocast_for(self.device, self.amp):
+            logits = self.model(inputs)
+        loss = F.cross_entropy(logits.float(), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def bench_presets(
+    presets: Sequence[str],
+    *,
+    input_shape: tuple[int, int, int] = (1, 28, 28),
+    batch_size: int = 128,
+    steps: int = 10,
+    rounds: int = 5,
+    eval_images: int = 10_000,
+    amp: bool = True,
+    device: torch.device | None = None,
+) -> list[PresetBench]:
+    """Training and evaluation throughput of each preset on random uint8 images.
+
+    Rounds go round-robin over the presets (preset A, B, C, then A, B, C again), so load
+    from other processes spreads over all of them; medians are reported.
+    """
+    device = device or select_device("auto")
+    steppers = [_Stepper(p, input_shape, batch_size, device, amp) for p in presets]
+    for s in steppers:  # warm-up: oneDNN primitive creation, allocator
+        for _ in range(3):
+            s.step()
+    train_rates: list[list[float]] = [[] for _ in presets]
+    for _ in range(max(rounds, 1)):
+        for i, s in enumerate(steppers):
+            s.model.train()
+            seconds = _timed(lambda s=s: [s.step() for _ in range(steps)], device)
+            train_rates[i].append(steps * batch_size / seconds)
+    eval_rates: list[list[float]] = [[] for _ in presets]
+    images = torch.randint(0, 256, (eval_images, *input_shape), dtype=torch.uint8)
+    for s in steppers:
+        predict_logits(s.model, images[:1024], s.prep, device=device)  # warm-up
+    for _ in range(max(rounds // 2, 1)):
+        for i, s in enumerate(steppers):
+            seconds = _timed(
+                lambda s=s: predict_logits(s.model, images, s.prep, device=device), device
+            )
+            eval_rates[i].append(eval_images / seconds)
+    bf16 = device.type == "cuda" or train_autocast_for(device, amp).__class__ is torch.autocast
+    results = []
+    for preset, s, rates, evals in zip(presets, steppers, train_rates, eval_rates, strict=True):
+        rate = statistics.median(rates)
+        results.append(
+            PresetBench(
+                preset=preset,
+                precision="bf16 autocast" if amp and bf16 else "fp32",
+                batch_size=batch_size,
+                forward_flops=s.flops,
+                train_images_per_second=rate,
+                train_images_per_second_best=max(rates),
+                train_gflops=rate * s.flops * TRAIN_FLOPS_PER_FORWARD / 1e9,
+                eval_images_per_second=statistics.median(evals),
+            )
+        )
+    return results
