@@ -3,7 +3,6 @@ resume command; the run ends with the weights of an uninterrupted run of the sam
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -13,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from helpers import state_hash
 
 from cnnlab.config import load_config, replace
 from cnnlab.training.checkpoint import load_checkpoint, load_weights
@@ -41,14 +40,6 @@ TRAIN = [
     "--quiet",
 ]
 RESUME_LINE = re.compile(r"[Rr]esume with: (cnnlab train --resume \S+?)\)?$", re.MULTILINE)
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:

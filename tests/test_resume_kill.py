@@ -4,7 +4,6 @@ best.safetensors and model.json end, once resumed, with the weights of an uninte
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import state_hash
 
 from cnnlab import fileio
 from cnnlab.config import RunConfig
@@ -25,14 +25,6 @@ from cnnlab.training.loop import Callback
 from cnnlab.training.run import train_run
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 import csv
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import state_hash
 from safetensors.torch import load_file
 
 from cnnlab.config import RunConfig, TrainConfig
@@ -13,14 +13,6 @@ from cnnlab.models import build_model, preset_layers
 from cnnlab.training.checkpoint import load_checkpoint, load_model
 from cnnlab.training.loop import Callback, NonFiniteLossError, Trainer
 from cnnlab.training.run import train_run
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def make_trainer(squares, **train_overrides) -> Trainer:

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from cnnlab.errors import DataError
+from cnnlab.fileio import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +61,15 @@ def fetch(url: str, dest: Path, sha256: str, timeout: float = DEFAULT_TIMEOUT_S)
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as exc:
         raise DataError(f"cannot write into {dest.parent}: {exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            actual = _download_into(url, out, dest, timeout)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_open(dest, "wb") as out:  # raising inside the block leaves nothing behind
+        actual = _download_into(url, out, dest, timeout)
         if actual != expected:
             raise DataError(
                 f"checksum mismatch for {url}: expected SHA-256 {expected}, got {actual}. "
                 "The download is corrupt or the mirror serves a different file; nothing was saved."
             )
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("Saved %s (SHA-256 verified)", dest)
     return dest
 
@@ -127,17 +117,3 @@ def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
 
     yield advance
     logger.info("%s: %d bytes received", label, done)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename on POSIX; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
