@@ -1,4 +1,4 @@
-"""cnnlab: train, evaluate, explain, tune and serve CNN image classifiers on PyTorch."""
+"""cnnlab: train, evaluate, explain and tune CNN image classifiers on PyTorch."""
 
 from __future__ import annotations
 

@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="cnnlab",
-        description="Train, evaluate, explain, tune and serve CNN image classifiers.",
+        description="Train, evaluate, explain and tune CNN image classifiers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `cnnlab COMMAND --help` for a command's options and examples.",
     )
