@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,7 @@ CIFAR100_REMOTE = (
 # ---------------------------------------------------------------- how each kind of source is stored
 
 
-class _Storage:
+class _Storage(ABC):
     """How a source's files are laid out in a folder and read from it."""
 
     bundled = False  # True: the data ship with an installed package; no folder is involved
@@ -114,16 +115,17 @@ class _Storage:
     system_dirs: tuple[Path, ...] = ()
     install_hint = ""  # another way to get the files, e.g. a system package
 
+    @abstractmethod
     def missing_in(self, folder: Path) -> list[str]:
         """The required files that `folder` lacks ([] when it holds a complete copy)."""
-        raise NotImplementedError
 
     def to_download(self, folder: Path) -> list[RemoteFile]:
         """The published files to fetch into `folder` to complete it."""
         return [r for r in self.remote if r.name in self.missing_in(folder)]
 
+    @abstractmethod
     def read(self, folder: Path | None, source: DatasetSource) -> Dataset:
-        raise NotImplementedError
+        """Read the dataset from `folder` (None for bundled data)."""
 
 
 class _BundledDigits(_Storage):
