@@ -14,7 +14,7 @@ import yaml
 
 from cnnlab.errors import CnnlabError, ConfigError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 Handler = Callable[[argparse.Namespace], int]
 
 

@@ -25,7 +25,7 @@ from cnnlab.training import runs
 from cnnlab.training.checkpoint import ModelInfo, load_model
 from cnnlab.training.metrics import confusion_matrix
 
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = "evaluation.json"  # the test split; other splits add _<split>
 
 
 @dataclass
@@ -219,7 +219,7 @@ def write_evaluation(run_dir: Path, evaluation: Evaluation) -> list[Path]:
     """evaluation.json, classification_report.txt, confusion matrix CSV and two heatmaps."""
     suffix = "" if evaluation.split == "test" else f"_{evaluation.split}"
     paths = [
-        run_dir / f"evaluation{suffix}.json",
+        run_dir / EVALUATION_FILE.replace(".json", f"{suffix}.json"),
         run_dir / f"classification_report{suffix}.txt",
         run_dir / f"confusion_matrix{suffix}.csv",
         run_dir / f"confusion_matrix{suffix}.png",

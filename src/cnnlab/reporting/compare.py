@@ -15,6 +15,7 @@ from typing import Any
 
 from cnnlab import fileio
 from cnnlab.errors import CnnlabError
+from cnnlab.evaluation import EVALUATION_FILE
 from cnnlab.models import summarize
 from cnnlab.reporting import html as h
 from cnnlab.reporting.plots import compare_curves_figure
@@ -132,7 +133,7 @@ def summarize_run(run_dir: Path) -> RunRow:
 
 
 def _read_evaluation(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "evaluation.json"
+    path = run_dir / EVALUATION_FILE
     if not path.is_file():
         return {}
     try:
