@@ -288,3 +288,69 @@ def test_a_small_model_overfits_a_random_batch():
         optimizer.step()
     accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert accuracy == 1.0
+
+
+@pytest.mark.parametrize(
+    ("pool", "padding", "size"),
+    [((2, 2), "valid", 8), ((2, 2), "valid", 7), ((2, 2), "same", 7), ((3, 3), "valid", 10)],
+)
+def test_max_pool_without_autograd_equals_max_pool2d(pool, padding, size):
+    # Without autograd, tiled pools take the max of strided views instead of max_pool2d.
+    torch.manual_seed(0)
+    model = build_model([MaxPool2D(pool, padding=padding), Flatten(), Dense(2)], (3, size, size), 2)
+    pool_layer = model.layers.max_pooling2d
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fast = pool_layer(x)
+    expected = pool_layer(x.requires_grad_()).detach()  # the autograd path: max_pool2d itself
+    assert fast.shape == expected.shape
+    assert torch.equal(fast, expected)
+
+
+def _keras_order_copy(model: CnnModel) -> CnnModel:
+    """The same model with every activation applied where Keras applies it."""
+    copy = build_model(spec_to_list(model.specs), model.input_shape, model.num_classes)
+    copy.load_state_dict(model.state_dict())
+    for module in copy.modules():
+        if hasattr(module, "defer_activation"):
+            module.defer_activation = False
+        if hasattr(module, "deferred_act"):
+            module.deferred_act = None
+    return copy
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_activation_moved_after_the_pool_gives_identical_gradients(activation, padding):
+    torch.manual_seed(0)
+    layers = [
+        Conv2D(4, 3, activation=activation),
+        MaxPool2D(2, padding=padding),
+        Flatten(),
+        Dense(3, activation="softmax"),
+    ]
+    model = build_model(layers, (1, 9, 9), 3)
+    assert model.layers.conv2d.defer_activation  # the move happens
+    keras_order = _keras_order_copy(model)
+    x, y = torch.randn(8, 1, 9, 9), torch.arange(8) % 3
+    grads = []
+    for m in (model, keras_order):
+        m.train()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        grads.append([p.grad for p in m.parameters()])
+    for moved, kept in zip(*grads, strict=True):
+        assert torch.equal(moved, kept)
+    model.eval()  # evaluation and explanations see Keras' order: the conv output is activated
+    keras_order.eval()
+    with torch.no_grad():
+        assert torch.equal(model.layers.conv2d(x), keras_order.layers.conv2d(x))
+        assert torch.equal(model(x), keras_order(x))
+
+
+def test_activations_that_do_not_commute_with_max_stay_on_the_conv():
+    model = build_model(
+        [Conv2D(4, 3, activation="gelu"), MaxPool2D(2), Flatten(), Dense(4)], (1, 8, 8), 4
+    )
+    assert not model.layers.conv2d.defer_activation
+    assert model.layers.max_pooling2d.deferred_act is None

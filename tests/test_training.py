@@ -11,7 +11,7 @@ from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.inference import Preprocessing
 from cnnlab.models import build_model, preset_layers
 from cnnlab.training.checkpoint import load_checkpoint, load_model
-from cnnlab.training.loop import Callback, NonFiniteLossError, Trainer
+from cnnlab.training.loop import Callback, NonFiniteLossError, Trainer, make_optimizer
 from cnnlab.training.run import train_run
 
 
@@ -143,3 +143,13 @@ def test_resume_mid_epoch_is_exact(digits_config: RunConfig, stop_step: int) -> 
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     straight_rows = list(csv.DictReader((straight.run_dir / "metrics.csv").open()))
     assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in straight_rows]
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [("adam", True), ("adamw", True), ("sgd", True), ("adamax", False), ("rmsprop", False)],
+)
+def test_optimizers_use_fused_kernels_where_torch_has_them(name, fused):
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, TrainConfig(optimizer=name, momentum=0.9))
+    assert bool(optimizer.defaults.get("fused")) is fused

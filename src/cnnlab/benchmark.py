@@ -102,7 +102,7 @@ class _Stepper:
         )
         self.model = self.model.to(device).to(memory_format=torch.channels_last)
         self.flops = summarize_model(self.model).flops
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
         self.prep = Preprocessing(input_shape)
         self.images = torch.randint(
             0, 256, (batch_size, *input_shape), dtype=torch.uint8, device=device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -582,7 +583,9 @@ class KerasConv2D(nn.Conv2d):
             bias=a["use_bias"],
         )
         self.uneven_pad: Pad | None = None if even else pad  # F.pad before the convolution
+        self.activation_name = activation
         self.act = activation_module(activation)
+        self.defer_activation = False  # set by CnnModel: a following MaxPool applies it in training
         initialize(self.weight, a["kernel_initializer"])
         if self.bias is not None:
             initialize(self.bias, a["bias_initializer"])
@@ -590,7 +593,8 @@ class KerasConv2D(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, filters, H', W')
         if self.uneven_pad is not None:
             x = F.pad(x, self.uneven_pad)
-        return self.act(super().forward(x))
+        x = super().forward(x)
+        return x if self.defer_activation and self.training else self.act(x)
 
 
 class KerasDense(nn.Linear):
@@ -607,17 +611,50 @@ class KerasDense(nn.Linear):
         return self.act(super().forward(x))
 
 
+# Non-decreasing activations commute with max pooling: max(f(a), f(b)) = f(max(a, b)), and the
+# gradient reaches the same input. Applying them after the pool touches a quarter of the pixels.
+POOL_COMMUTING_ACTIVATIONS = frozenset(
+    {"relu", "sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus"}
+)
+
+
 class KerasMaxPool2D(nn.MaxPool2d):
-    """MaxPooling2D; 'same' pads with -inf so padding never wins the max, as in TF."""
+    """MaxPooling2D; 'same' pads with -inf so padding never wins the max, as in TF.
+
+    Without autograd, pools whose window equals their stride take the maximum of strided views
+    (3-5x faster on CPU than max_pool2d, which also computes indices); same values. In training,
+    `deferred_act` is the previous Conv2D's activation, applied here after pooling (exact, see
+    POOL_COMMUTING_ACTIVATIONS); evaluation and explanations keep Keras' order.
+    """
 
     def __init__(self, a: dict[str, Any], pad: Pad):
         super().__init__(a["pool_size"], a["strides"])
         self.pad: Pad | None = pad if any(pad) else None
+        self.deferred_act: nn.Module | None = None
+        self.tiled = tuple(a["pool_size"]) == tuple(a["strides"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H', W')
         if self.pad is not None:
             x = F.pad(x, self.pad, value=float("-inf"))
-        return super().forward(x)
+        if self.tiled and not (torch.is_grad_enabled() and x.requires_grad):
+            x = tile_max(x, self.kernel_size)
+        else:
+            x = super().forward(x)
+        if self.deferred_act is not None and self.training:
+            x = self.deferred_act(x)
+        return x
+
+
+def tile_max(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Max over non-overlapping (kh, kw) tiles, the incomplete edge dropped (Keras 'valid')."""
+    kh, kw = size
+    rows, cols = x.shape[2] // kh * kh, x.shape[3] // kw * kw
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            view = x[:, :, i:rows:kh, j:cols:kw]
+            out = view if out is None else torch.maximum(out, view)
+    return out
 
 
 class KerasAvgPool2D(nn.AvgPool2d):
@@ -733,6 +770,18 @@ def final_activation(specs: Sequence[LayerSpec]) -> tuple[str | None, int | None
     return None, None
 
 
+def _defer_activations_to_pools(modules: Sequence[nn.Module]) -> None:
+    """Conv2D(activation=relu) then MaxPool2D: in training, ReLU runs after the pool."""
+    for conv, pool in itertools.pairwise(modules):
+        if (
+            isinstance(conv, KerasConv2D)
+            and isinstance(pool, KerasMaxPool2D)
+            and conv.activation_name in POOL_COMMUTING_ACTIVATIONS
+        ):
+            conv.defer_activation = True
+            pool.deferred_act = activation_module(conv.activation_name)
+
+
 class CnnModel(nn.Module):
     """A CNN classifier built from a Keras-named layer spec; returns logits.
 
@@ -760,6 +809,7 @@ class CnnModel(nn.Module):
                 blocks[name] = module
             in_shape = self.output_shapes[i]
         self.layers = nn.Sequential(blocks)
+        _defer_activations_to_pools(list(blocks.values()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)  # (B, C, H, W) float -> (B, num_classes) logits
