@@ -7,8 +7,16 @@ import torch
 
 from cnnlab.benchmark import TRAIN_FLOPS_PER_FORWARD, bench_presets, matmul_ceiling
 from cnnlab.cli import main
-from cnnlab.inference import autocast_for, cpu_has_fast_bf16, train_autocast_for
-from cnnlab.models import Conv2D, Dense, Flatten, MaxPool2D, preset_layers, summarize
+from cnnlab.inference import Preprocessing, autocast_for, cpu_has_fast_bf16, predict_logits
+from cnnlab.models import (
+    Conv2D,
+    Dense,
+    Flatten,
+    MaxPool2D,
+    build_model,
+    preset_layers,
+    summarize,
+)
 
 
 def test_flops_of_a_known_net_are_counted_by_hand():
@@ -49,11 +57,24 @@ def test_bench_presets_reports_flops_consistent_with_throughput():
     assert result.train_gflops == pytest.approx(expected)
 
 
-def test_inference_autocast_stays_fp32_on_cpu():
-    assert not isinstance(autocast_for(torch.device("cpu")), torch.autocast)
-    training = train_autocast_for(torch.device("cpu"))
-    assert isinstance(training, torch.autocast) == cpu_has_fast_bf16()
-    assert not isinstance(train_autocast_for(torch.device("cpu"), enabled=False), torch.autocast)
+def test_cpu_autocast_is_bf16_only_where_amx_makes_it_fast():
+    autocast = autocast_for(torch.device("cpu"))
+    assert isinstance(autocast, torch.autocast) == cpu_has_fast_bf16()
+    assert not isinstance(autocast_for(torch.device("cpu"), enabled=False), torch.autocast)
+
+
+def test_predictions_are_exact_fp32_unless_amp_is_asked_for():
+    torch.manual_seed(0)
+    model = build_model(preset_layers("tiny", 10), (1, 28, 28), 10).eval()
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    prep = Preprocessing((1, 28, 28))
+    with torch.no_grad():
+        expected = model(images.float() / 255)
+    exact = predict_logits(model, images, prep, channels_last=False)
+    assert (exact - expected).abs().max().item() < 1e-5
+    mixed = predict_logits(model, images, prep, amp=True)
+    assert mixed.dtype == torch.float32
+    assert (mixed - expected).abs().max().item() < 0.05  # bf16 keeps 3 significant digits
 
 
 def test_bench_command_prints_json(capsys):

@@ -81,6 +81,7 @@ def train(
             info.classes,
             batch_size=result.config.train.eval_batch_size,
             tta_flip=result.config.train.tta_flip,
+            amp=result.config.train.amp,
         )
         write_evaluation(result.run_dir, evaluation)
     if report:

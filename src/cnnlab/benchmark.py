@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from cnnlab.inference import (
     Preprocessing,
+    autocast_for,
     predict_logits,
     prepare_batch,
     select_device,
-    train_autocast_for,
 )
 from cnnlab.models import build_model, preset_layers, summarize_model
 
@@ -112,7 +112,7 @@ class _Stepper:
 
     def step(self) -> None:
         inputs = prepare_batch(self.images, self.prep, self.device, channels_last=True)
-        with train_autocast_for(self.device, self.amp):
+        with autocast_for(self.device, self.amp):
             logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), self.labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,14 +150,15 @@ def bench_presets(
     eval_rates: list[list[float]] = [[] for _ in presets]
     images = torch.randint(0, 256, (eval_images, *input_shape), dtype=torch.uint8)
     for s in steppers:
-        predict_logits(s.model, images[:1024], s.prep, device=device)  # warm-up
+        predict_logits(s.model, images[:1024], s.prep, device=device, amp=amp)  # warm-up
     for _ in range(max(rounds // 2, 1)):
         for i, s in enumerate(steppers):
             seconds = _timed(
-                lambda s=s: predict_logits(s.model, images, s.prep, device=device), device
+                lambda s=s: predict_logits(s.model, images, s.prep, device=device, amp=amp),
+                device,
             )
             eval_rates[i].append(eval_images / seconds)
-    bf16 = device.type == "cuda" or train_autocast_for(device, amp).__class__ is torch.autocast
+    bf16 = device.type == "cuda" or autocast_for(device, amp).__class__ is torch.autocast
     results = []
     for preset, s, rates, evals in zip(presets, steppers, train_rates, eval_rates, strict=True):
         rate = statistics.median(rates)

@@ -108,7 +108,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: physical cores)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
-    amp: bool = True  # bf16 autocast for training on CUDA and on CPUs with AMX; fp32 elsewhere
+    amp: bool = True  # bf16 autocast for training and evaluation on CUDA and CPUs with AMX
 
 
 @dataclass(frozen=True)

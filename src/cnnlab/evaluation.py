@@ -170,12 +170,15 @@ def evaluate_model(
     classes: Sequence[str],
     *,
     split: str = "test",
-    batch_size: int = 1024,
+    batch_size: int = 256,
     tta_flip: bool = False,
+    amp: bool = False,
 ) -> Evaluation:
     if len(images) == 0:
         raise DataError(f"The {split} split is empty, so there is nothing to evaluate.")
-    logits = predict_logits(model, images.images, prep, batch_size=batch_size, tta_flip=tta_flip)
+    logits = predict_logits(
+        model, images.images, prep, batch_size=batch_size, tta_flip=tta_flip, amp=amp
+    )
     return metrics_from_logits(logits, images.labels, classes, split)
 
 
@@ -209,6 +212,7 @@ def evaluate_run(
         split=split,
         batch_size=config.train.eval_batch_size,
         tta_flip=flip,
+        amp=config.train.amp,
     )
     if write:
         write_evaluation(run_dir, evaluation)

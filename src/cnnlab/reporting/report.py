@@ -100,6 +100,7 @@ def _load(run_dir: Path, evaluation: Evaluation | None, data: PreparedData | Non
             info.classes,
             batch_size=config.train.eval_batch_size,
             tta_flip=config.train.tta_flip,
+            amp=config.train.amp,
         )
     return _RunContext(
         run_dir=run_dir,

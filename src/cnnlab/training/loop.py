@@ -19,7 +19,7 @@ from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import Augment, augment_batch
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import CnnlabError
-from cnnlab.inference import Preprocessing, predict_logits, prepare_batch, train_autocast_for
+from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
 from cnnlab.training.metrics import classification_metrics
 from cnnlab.training.schedules import lr_at
 
@@ -248,7 +248,7 @@ class Trainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with train_autocast_for(self.device, self.config.amp):
+        with autocast_for(self.device, self.config.amp):
             logits = self.forward(inputs)
         loss = F.cross_entropy(
             logits.float(),

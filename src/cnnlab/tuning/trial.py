@@ -128,6 +128,7 @@ def write_trial_report(result: TrainResult) -> None:
         result.info.classes,
         split="val",
         batch_size=result.config.train.eval_batch_size,
+        amp=result.config.train.amp,
     )
     write_evaluation(result.run_dir, evaluation)
     try:
