@@ -66,11 +66,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="override the default recipe's epochs")
+    parser.add_argument("--model", help="a preset or YAML layer list instead of the default net")
     parser.add_argument("--target", type=float, default=0.93, help="test accuracy to reach")
     parser.add_argument("--budget", type=float, default=90.0, help="training seconds allowed")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    if args.model:
+        extra += ["--model", args.model]
     if args.set:
         extra += ["--set", *args.set]
     print(machine_line())

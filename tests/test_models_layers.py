@@ -354,3 +354,21 @@ def test_activations_that_do_not_commute_with_max_stay_on_the_conv():
     )
     assert not model.layers.conv2d.defer_activation
     assert model.layers.max_pooling2d.deferred_act is None
+
+
+def test_dropout_zeroes_at_its_rate_and_keeps_the_mean():
+    model = build_model([Flatten(), Dropout(0.25), Dense(2)], (1, 100, 100), 2)
+    dropout = model.layers.dropout
+    x = torch.ones(8, 10_000, requires_grad=True)
+    torch.manual_seed(0)
+    out = dropout(x)
+    dropped = (out == 0).float().mean().item()
+    assert dropped == pytest.approx(0.25, abs=0.01)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert out.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    out.sum().backward()  # the gradient passes where the value was kept, scaled the same way
+    assert torch.equal(x.grad, out.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)  # drawn from the global generator: seeded runs repeat
+    model.eval()
+    assert torch.equal(dropout(x), x)

@@ -674,6 +674,24 @@ class KerasAvgPool2D(nn.AvgPool2d):
         return super().forward(F.pad(x, self.pad)) * self.rescale
 
 
+class KerasDropout(nn.Dropout):
+    """Element-wise dropout, as Keras' Dropout: zero each value with probability p in training,
+    scale the rest by 1 / (1 - p).
+
+    The keep-mask comes from torch.rand, not torch.bernoulli_ as in F.dropout: 1.4-1.7x faster
+    on CPU (bernoulli draws were a fifth of the `dropout` preset's training step). Same
+    distribution, drawn from the same global generator.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return x * 0.0
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class KerasFlatten(nn.Module):
     """Flatten in channels-last order, (B, C, H, W) -> (B, H*W*C).
 
@@ -745,7 +763,7 @@ def _build_layer(spec: LayerSpec, in_shape: Shape, strip_activation: bool) -> nn
     if kind == "Dense":
         return KerasDense(in_shape[0], a, activation)
     if kind == "Dropout":
-        return nn.Dropout(a["rate"])  # element-wise, as Keras' Dropout
+        return KerasDropout(a["rate"])
     if kind == "Flatten":
         return KerasFlatten() if len(in_shape) == 3 else None
     if kind == "Rescaling":
