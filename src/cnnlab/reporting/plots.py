@@ -26,9 +26,16 @@ def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
         plt.close(fig)
 
 
-def learning_curves_figure(history: Sequence[dict[str, float]], best_epoch: int = 0) -> Figure:
-    """Loss, accuracy and learning rate per epoch, train vs validation, best epoch marked."""
+def learning_curves_figure(
+    history: Sequence[dict[str, float]], best_epoch: int = 0, label_smoothing: float = 0.0
+) -> Figure:
+    """Loss, accuracy and learning rate per epoch, train vs validation, best epoch marked.
+
+    With label smoothing the training loss is the smoothed loss the optimiser saw, which sits
+    above the plain validation cross-entropy; the legend says so.
+    """
     epochs = [row["epoch"] for row in history]
+    smoothed = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
     panels = (("loss", "Loss"), ("accuracy", "Accuracy"))
     for ax, (key, title) in zip(axes[:2], panels, strict=True):
@@ -40,7 +47,7 @@ def learning_curves_figure(history: Sequence[dict[str, float]], best_epoch: int 
                     [np.nan if v is None else v for v in values],
                     style,
                     markersize=3,
-                    label=prefix,
+                    label=smoothed if (prefix, key) == ("train", "loss") else prefix,
                 )
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -59,9 +66,12 @@ def learning_curves_figure(history: Sequence[dict[str, float]], best_epoch: int 
 
 
 def save_learning_curves(
-    history: Sequence[dict[str, float]], path: Path, best_epoch: int = 0
+    history: Sequence[dict[str, float]],
+    path: Path,
+    best_epoch: int = 0,
+    label_smoothing: float = 0.0,
 ) -> None:
-    save_figure(learning_curves_figure(history, best_epoch), path)
+    save_figure(learning_curves_figure(history, best_epoch, label_smoothing), path)
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str], normalize: bool) -> Figure:

@@ -218,7 +218,7 @@ def _model_section(c: _RunContext) -> h.Section:
 def _curves_section(c: _RunContext) -> h.Section:
     if not c.history:
         return h.Section("curves", "Learning curves", '<p class="note">No epoch finished.</p>')
-    fig = learning_curves_figure(c.history, c.info.epoch)
+    fig = learning_curves_figure(c.history, c.info.epoch, c.config.train.label_smoothing)
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     figure = h.img(h.figure_png(fig), "learning curves")

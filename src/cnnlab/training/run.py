@@ -225,7 +225,10 @@ def train_run(
         trainer.model.load_state_dict(trainer.best_weights)
     if trainer.state.history:
         save_learning_curves(
-            trainer.state.history, run_dir / "curves.png", best_epoch=trainer.state.best_epoch
+            trainer.state.history,
+            run_dir / "curves.png",
+            best_epoch=trainer.state.best_epoch,
+            label_smoothing=config.train.label_smoothing,
         )
     return TrainResult(
         run_dir=run_dir,
