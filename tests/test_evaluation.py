@@ -74,3 +74,22 @@ def test_evaluate_and_predict_a_trained_run(digits_config, tmp_path) -> None:
     probabilities = [p for _, p in predictions[0].top]
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-6
     assert skipped and "notes.png" in skipped[0][0]
+
+
+def test_no_amp_evaluates_in_exact_fp32(digits_config, capsys) -> None:
+    from cnnlab.cli import main
+    from cnnlab.evaluation import load_model, load_split
+    from cnnlab.inference import prepare_batch
+
+    run_dir = train_run(digits_config.with_overrides({"train.epochs": 2})).run_dir
+    model, info = load_model(run_dir)
+    test = load_split(run_dir, "test")
+    with torch.no_grad():
+        inputs = prepare_batch(test.images, info.preprocessing, torch.device("cpu"), False)
+        expected = torch.softmax(model.eval()(inputs), 1).numpy()
+    exact = evaluate_run(run_dir, amp=False, write=False)
+    assert np.abs(exact.probabilities - expected).max() < 1e-5
+    assert main(["evaluate", str(run_dir), "--no-amp", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == pytest.approx(exact.accuracy)
+    assert printed["loss"] == pytest.approx(exact.loss, abs=1e-6)

@@ -91,11 +91,14 @@ def train(
     return Run(result.run_dir, result, evaluation)
 
 
-def evaluate(run: str | Path, split: str = "test", tta_flip: bool | None = None) -> Evaluation:
-    """Evaluate a run folder's best weights; writes evaluation files into the folder."""
+def evaluate(
+    run: str | Path, split: str = "test", tta_flip: bool | None = None, amp: bool | None = None
+) -> Evaluation:
+    """Evaluate a run folder's best weights; writes evaluation files into the folder.
+    `tta_flip` and `amp` default to the run's config."""
     from cnnlab.evaluation import evaluate_run
 
-    return evaluate_run(run, split=split, tta_flip=tta_flip)
+    return evaluate_run(run, split=split, tta_flip=tta_flip, amp=amp)
 
 
 def predict(

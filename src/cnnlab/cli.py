@@ -97,6 +97,7 @@ TRAIN_FLAGS = {
     "device": "train.device",
     "threads": "train.threads",
     "compile": "train.compile",
+    "amp": "train.amp",
     "tta_flip": "train.tta_flip",
     "checkpoint_every_steps": "train.checkpoint_every_steps",
     "checkpoint_every_minutes": "train.checkpoint_every_minutes",
@@ -238,7 +239,7 @@ def _print_train_summary(run: Any) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnlab import api
 
-    evaluation = api.evaluate(args.run, split=args.split, tta_flip=args.tta_flip)
+    evaluation = api.evaluate(args.run, split=args.split, tta_flip=args.tta_flip, amp=args.amp)
     if args.format == "json":
         out(json.dumps(evaluation.to_dict(), indent=2))
         return EXIT_OK
@@ -393,6 +394,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     g.add_argument("--threads", type=int, help="CPU threads (default: cores)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast on CUDA and AMX CPUs (default on); --no-amp for exact fp32",
+    )
     g.add_argument("--checkpoint-every-steps", type=int)
     g.add_argument("--checkpoint-every-minutes", type=float)
     g.add_argument(
@@ -459,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, e.g. runs/train")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast as the run trained (default: the run's train.amp); --no-amp: fp32",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
 
     p = command("predict", "top-k classes with probabilities for images or folders", cmd_predict)

@@ -197,7 +197,12 @@ def load_split(run_dir: Path, split: str) -> ImageSet:
 
 
 def evaluate_run(
-    run_dir: str | Path, *, split: str = "test", tta_flip: bool | None = None, write: bool = True
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    tta_flip: bool | None = None,
+    amp: bool | None = None,
+    write: bool = True,
 ) -> Evaluation:
     """Evaluate a run folder's best weights on a split; writes the evaluation files when `write`."""
     run_dir = runs.resolve_run_dir(run_dir)
@@ -212,7 +217,7 @@ def evaluate_run(
         split=split,
         batch_size=config.train.eval_batch_size,
         tta_flip=flip,
-        amp=config.train.amp,
+        amp=config.train.amp if amp is None else amp,
     )
     if write:
         write_evaluation(run_dir, evaluation)
