@@ -1,0 +1,163 @@
+"""Each speed lever on and off, interleaved in one process, so machine load hits both sides.
+
+Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 images):
+  - activation after the pool + fused Adam, against Keras' order + foreach Adam
+  - dropout masks from torch.rand, against nn.Dropout (bernoulli_)
+  - channels_last, against contiguous NCHW
+Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
+  - bf16 autocast against fp32
+  - max pooling as a max of strided views, against max_pool2d
+
+    .venv/bin/python benchmarks/bench_levers.py
+    .venv/bin/python benchmarks/bench_levers.py --presets basic --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, table
+
+from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
+from cnnlab.models import build_model, preset_layers
+from cnnlab.models.layers import KerasConv2D, KerasDropout, KerasMaxPool2D
+
+SHAPE = (1, 28, 28)
+CPU = torch.device("cpu")
+EVAL_IMAGES = 4096
+
+
+class Variant:
+    """One model and optimiser trained on one fixed batch; `step()` is one training step."""
+
+    def __init__(
+        self, preset: str, *, keras_order=False, foreach=False, bernoulli=False, nchw=False
+    ):
+        torch.manual_seed(0)
+        self.model = build_model(preset_layers(preset, 10, SHAPE), SHAPE, 10)
+        if keras_order:
+            for module in self.model.modules():
+                if isinstance(module, KerasConv2D):
+                    module.defer_activation = False
+                if isinstance(module, KerasMaxPool2D):
+                    module.deferred_act = None
+        if bernoulli:
+            for name, module in list(self.model.layers.named_children()):
+                if isinstance(module, KerasDropout):
+                    setattr(self.model.layers, name, nn.Dropout(module.p))
+        self.channels_last = not nchw
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        kind = {"foreach": True} if foreach else {"fused": True}
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, **kind)
+        self.images = torch.randint(0, 256, (128, *SHAPE), dtype=torch.uint8)
+        self.labels = torch.randint(0, 10, (128,))
+        self.prep = Preprocessing(SHAPE)
+
+    def step(self) -> None:
+        inputs = prepare_batch(self.images, self.prep, CPU, self.channels_last)
+        with autocast_for(CPU):
+            logits = self.model(inputs)
+        loss = F.cross_entropy(logits.float(), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, rounds: int) -> dict:
+    """Median milliseconds per call of each function, rounds alternating between them."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times[name].append((time.perf_counter() - started) / repeat * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def training_rows(preset: str, rounds: int) -> list[list[str]]:
+    pairs = [
+        ("activation after pool + fused Adam", {}, {"keras_order": True, "foreach": True}),
+        ("dropout masks from torch.rand", {}, {"bernoulli": True}),
+        ("channels_last", {}, {"nchw": True}),
+    ]
+    rows = []
+    for lever, on, off in pairs:
+        if lever.startswith("dropout") and preset not in ("tiny", "dropout"):
+            continue
+        kept, base = Variant(preset, **on), Variant(preset, **off)
+        ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
+        rows.append(_row(preset, f"train step: {lever}", ms["off"], ms["on"], "ms"))
+    return rows
+
+
+def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
+    model = Variant(preset).model.eval()
+    images = torch.randint(0, 256, (EVAL_IMAGES, *SHAPE), dtype=torch.uint8)
+    prep = Preprocessing(SHAPE)
+
+    def evaluate(amp: bool) -> None:
+        predict_logits(model, images, prep, amp=amp)
+
+    pools = [m for m in model.modules() if isinstance(m, KerasMaxPool2D)]
+
+    def evaluate_with_max_pool2d() -> None:
+        for pool in pools:
+            pool.tiled = False  # the general path: max_pool2d, which also builds indices
+        try:
+            evaluate(True)
+        finally:
+            for pool in pools:
+                pool.tiled = True
+
+    ms = interleaved_ms(
+        {"bf16": lambda: evaluate(True), "fp32": lambda: evaluate(False)}, 1, 2 * rounds
+    )
+    rows = [_row(preset, "evaluation: bf16 autocast", ms["fp32"], ms["bf16"], "images/s")]
+    if pools:
+        pooled = interleaved_ms(
+            {"views": lambda: evaluate(True), "max_pool2d": evaluate_with_max_pool2d},
+            1,
+            2 * rounds,
+        )
+        lever = "evaluation: max pooling as a max of strided views"
+        rows.append(_row(preset, lever, pooled["max_pool2d"], pooled["views"], "images/s"))
+    return rows
+
+
+def _row(preset: str, lever: str, off_ms: float, on_ms: float, unit: str) -> list[str]:
+    if unit == "images/s":
+        off, on = f"{EVAL_IMAGES / off_ms * 1e3:,.0f}", f"{EVAL_IMAGES / on_ms * 1e3:,.0f}"
+    else:
+        off, on = f"{off_ms:.2f} ms", f"{on_ms:.2f} ms"
+    return [preset, lever, off, on, f"{off_ms / on_ms:.2f}x"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "basic", "dropout", "fast"])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(machine_line())
+    rows = []
+    for preset in args.presets:
+        rows += training_rows(preset, args.rounds) + evaluation_rows(preset, args.rounds)
+    print(table(["preset", "lever", "off", "on", "speed-up"], rows))
+
+
+if __name__ == "__main__":
+    main()
