@@ -9,7 +9,7 @@ EXTRAS := tune,explain,dev
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint install system-deps fashion-mnist bench bench-keras bench-speed clean
+.PHONY: demo test lint install system-deps fashion-mnist bench bench-keras bench-speed bench-levers clean
 
 install: $(STAMP)
 
@@ -72,6 +72,10 @@ bench-speed: $(STAMP) fashion-mnist
 # Matmul ceiling, training GFLOP/s and eval images/s of every preset.
 bench: $(STAMP)
 	$(BIN)/cnnlab bench
+
+# Each kept speed lever on and off, interleaved in one process.
+bench-levers: $(STAMP)
+	$(BIN)/python benchmarks/bench_levers.py
 
 clean:
 	rm -rf $(VENV) $(KERAS_VENV) runs .pytest_cache
