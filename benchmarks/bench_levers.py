@@ -41,8 +41,14 @@ class Variant:
     """One model and optimiser trained on one fixed batch; `step()` is one training step."""
 
     def __init__(
-        self, preset: str, *, keras_order=False, foreach=False, bernoulli=False, nchw=False
-    ):
+        self,
+        preset: str,
+        *,
+        keras_order: bool = False,
+        foreach: bool = False,
+        bernoulli: bool = False,
+        nchw: bool = False,
+    ) -> None:
         torch.manual_seed(0)
         self.model = build_model(preset_layers(preset, 10, SHAPE), SHAPE, 10)
         if keras_order:
@@ -74,7 +80,9 @@ class Variant:
         self.optimizer.step()
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, rounds: int) -> dict:
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], repeat: int, rounds: int
+) -> dict[str, float]:
     """Median milliseconds per call of each function, rounds alternating between them."""
     for fn in fns.values():
         for _ in range(3):
