@@ -22,14 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, table
 
-from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
-from cnnlab.models import build_model, preset_layers
+from cnnlab.benchmark import Stepper
+from cnnlab.inference import Preprocessing, predict_logits
 from cnnlab.models.layers import KerasConv2D, KerasDropout, KerasMaxPool2D
 
 SHAPE = (1, 28, 28)
@@ -37,47 +36,29 @@ CPU = torch.device("cpu")
 EVAL_IMAGES = 4096
 
 
-class Variant:
-    """One model and optimiser trained on one fixed batch; `step()` is one training step."""
-
-    def __init__(
-        self,
-        preset: str,
-        *,
-        keras_order: bool = False,
-        foreach: bool = False,
-        bernoulli: bool = False,
-        nchw: bool = False,
-    ) -> None:
-        torch.manual_seed(0)
-        self.model = build_model(preset_layers(preset, 10, SHAPE), SHAPE, 10)
-        if keras_order:
-            for module in self.model.modules():
-                if isinstance(module, KerasConv2D):
-                    module.defer_activation = False
-                if isinstance(module, KerasMaxPool2D):
-                    module.deferred_act = None
-        if bernoulli:
-            for name, module in list(self.model.layers.named_children()):
-                if isinstance(module, KerasDropout):
-                    setattr(self.model.layers, name, nn.Dropout(module.p))
-        self.channels_last = not nchw
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        kind = {"foreach": True} if foreach else {"fused": True}
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, **kind)
-        self.images = torch.randint(0, 256, (128, *SHAPE), dtype=torch.uint8)
-        self.labels = torch.randint(0, 10, (128,))
-        self.prep = Preprocessing(SHAPE)
-
-    def step(self) -> None:
-        inputs = prepare_batch(self.images, self.prep, CPU, self.channels_last)
-        with autocast_for(CPU):
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float(), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+def variant(
+    preset: str,
+    *,
+    keras_order: bool = False,
+    foreach: bool = False,
+    bernoulli: bool = False,
+    nchw: bool = False,
+) -> Stepper:
+    """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
+    stepper = Stepper(preset, SHAPE, 128, CPU, amp=True, channels_last=not nchw)
+    if keras_order:
+        for module in stepper.model.modules():
+            if isinstance(module, KerasConv2D):
+                module.defer_activation = False
+            if isinstance(module, KerasMaxPool2D):
+                module.deferred_act = None
+    if bernoulli:
+        for name, module in list(stepper.model.layers.named_children()):
+            if isinstance(module, KerasDropout):
+                setattr(stepper.model.layers, name, nn.Dropout(module.p))
+    if foreach:
+        stepper.optimizer = torch.optim.Adam(stepper.model.parameters(), lr=1e-3, foreach=True)
+    return stepper
 
 
 def interleaved_ms(
@@ -107,14 +88,14 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
     for lever, on, off in pairs:
         if lever.startswith("dropout") and preset not in ("tiny", "dropout"):
             continue
-        kept, base = Variant(preset, **on), Variant(preset, **off)
+        kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
         rows.append(_row(preset, f"train step: {lever}", ms["off"], ms["on"], "ms"))
     return rows
 
 
 def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
-    model = Variant(preset).model.eval()
+    model = variant(preset).model.eval()
     images = torch.randint(0, 256, (EVAL_IMAGES, *SHAPE), dtype=torch.uint8)
     prep = Preprocessing(SHAPE)
 

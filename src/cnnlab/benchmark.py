@@ -17,6 +17,7 @@ from cnnlab.inference import (
     predict_logits,
     prepare_batch,
     select_device,
+    uses_bf16,
 )
 from cnnlab.models import build_model, preset_layers, summarize_model
 
@@ -83,9 +84,9 @@ def matmul_ceiling(
     return Ceiling(dtype=str(dtype).removeprefix("torch."), size=size, gflops=best / 1e9)
 
 
-class _Stepper:
+class Stepper:
     """One preset's model, optimiser and a fixed batch; `step()` is one training step as the
-    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, Adam)."""
+    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, fused Adam)."""
 
     def __init__(
         self,
@@ -95,12 +96,15 @@ class _Stepper:
         device: torch.device,
         amp: bool,
         num_classes: int = 10,
+        channels_last: bool = True,
     ) -> None:
         torch.manual_seed(0)
         self.model = build_model(
             preset_layers(preset, num_classes, input_shape), input_shape, num_classes
-        )
-        self.model = self.model.to(device).to(memory_format=torch.channels_last)
+        ).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         self.flops = summarize_model(self.model).flops
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
         self.prep = Preprocessing(input_shape)
@@ -111,7 +115,7 @@ class _Stepper:
         self.device, self.amp, self.batch_size = device, amp, batch_size
 
     def step(self) -> None:
-        inputs = prepare_batch(self.images, self.prep, self.device, channels_last=True)
+        inputs = prepare_batch(self.images, self.prep, self.device, self.channels_last)
         with autocast_for(self.device, self.amp):
             logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), self.labels)
@@ -137,7 +141,7 @@ def bench_presets(
     from other processes spreads over all of them; medians are reported.
     """
     device = device or select_device("auto")
-    steppers = [_Stepper(p, input_shape, batch_size, device, amp) for p in presets]
+    steppers = [Stepper(p, input_shape, batch_size, device, amp) for p in presets]
     for s in steppers:  # warm-up: oneDNN primitive creation, allocator
         for _ in range(3):
             s.step()
@@ -158,14 +162,14 @@ def bench_presets(
                 device,
             )
             eval_rates[i].append(eval_images / seconds)
-    bf16 = device.type == "cuda" or autocast_for(device, amp).__class__ is torch.autocast
+    precision = "bf16 autocast" if uses_bf16(device, amp) else "fp32"
     results = []
     for preset, s, rates, evals in zip(presets, steppers, train_rates, eval_rates, strict=True):
         rate = statistics.median(rates)
         results.append(
             PresetBench(
                 preset=preset,
-                precision="bf16 autocast" if amp and bf16 else "fp32",
+                precision=precision,
                 batch_size=batch_size,
                 forward_flops=s.flops,
                 train_images_per_second=rate,

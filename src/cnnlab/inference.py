@@ -77,6 +77,11 @@ def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
+def uses_bf16(device: torch.device, enabled: bool = True) -> bool:
+    """Whether autocast_for(device, enabled) runs bf16 (else plain fp32)."""
+    return isinstance(autocast_for(device, enabled), torch.autocast)
+
+
 def prepare_batch(
     images: torch.Tensor, prep: Preprocessing, device: torch.device, channels_last: bool = True
 ) -> torch.Tensor:

@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cnnlab.cli import out, parse_shape
     from cnnlab.config import TrainConfig
     from cnnlab.errors import ConfigError
-    from cnnlab.inference import cpu_has_fast_bf16, select_device
+    from cnnlab.inference import select_device, uses_bf16
     from cnnlab.models import list_presets, presets_that_fit
     from cnnlab.training.run import configure_threads
 
@@ -57,7 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     device = select_device(args.device)
     ceilings = [matmul_ceiling(device=device)]
-    if args.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())):
+    if uses_bf16(device, args.amp):
         ceilings.append(matmul_ceiling(dtype=torch.bfloat16, device=device))
     results = bench_presets(
         presets,
