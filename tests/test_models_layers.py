@@ -266,6 +266,16 @@ def test_rescaling_and_global_pools_compute_what_keras_does():
     assert maxed(x).tolist() == [[6.0, 9.0]]
 
 
+def test_global_max_pool_matches_amax_and_sends_each_gradient_to_one_maximum():
+    model = build_model([GlobalMaxPooling2D()], (4, 5, 5), 4)
+    x = torch.randn(3, 4, 5, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model(x), x.amax(dim=(2, 3)))
+    tied = torch.zeros(1, 4, 5, 5, requires_grad=True)  # every pixel ties for the maximum
+    model(tied).sum().backward()
+    assert tied.grad.sum((2, 3)).tolist() == [[1.0] * 4]
+    assert (tied.grad != 0).sum().item() == 4  # one pixel per channel gets the whole gradient
+
+
 def test_a_small_model_overfits_a_random_batch():
     torch.manual_seed(0)
     x = torch.randn(32, 1, 8, 8)
@@ -290,16 +300,19 @@ def test_a_small_model_overfits_a_random_batch():
     assert accuracy == 1.0
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize(
     ("pool", "padding", "size"),
     [((2, 2), "valid", 8), ((2, 2), "valid", 7), ((2, 2), "same", 7), ((3, 3), "valid", 10)],
 )
-def test_max_pool_without_autograd_equals_max_pool2d(pool, padding, size):
-    # Without autograd, tiled pools take the max of strided views instead of max_pool2d.
+def test_max_pool_without_autograd_equals_max_pool2d(pool, padding, size, channels_last):
+    # Without autograd, tiled pools run tile_max (rows, then columns) instead of max_pool2d.
     torch.manual_seed(0)
     model = build_model([MaxPool2D(pool, padding=padding), Flatten(), Dense(2)], (3, size, size), 2)
     pool_layer = model.layers.max_pooling2d
-    x = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         fast = pool_layer(x)
     expected = pool_layer(x.requires_grad_()).detach()  # the autograd path: max_pool2d itself

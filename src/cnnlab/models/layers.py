@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -621,8 +622,8 @@ POOL_COMMUTING_ACTIVATIONS = frozenset(
 class KerasMaxPool2D(nn.MaxPool2d):
     """MaxPooling2D; 'same' pads with -inf so padding never wins the max, as in TF.
 
-    Without autograd, pools whose window equals their stride take the maximum of strided views
-    (3-5x faster on CPU than max_pool2d, which also computes indices); same values. In training,
+    Without autograd, pools whose window equals their stride run `tile_max` (3-5x faster on CPU
+    than max_pool2d, which also computes indices); same values. In training,
     `deferred_act` is the previous Conv2D's activation, applied here after pooling (exact, see
     POOL_COMMUTING_ACTIVATIONS); evaluation and explanations keep Keras' order.
     """
@@ -646,15 +647,19 @@ class KerasMaxPool2D(nn.MaxPool2d):
 
 
 def tile_max(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Max over non-overlapping (kh, kw) tiles, the incomplete edge dropped (Keras 'valid')."""
+    """Max over non-overlapping (kh, kw) tiles, the incomplete edge dropped (Keras 'valid').
+
+    Rows first, then columns, on the (B, H, W, C) view: with channels_last storage each maximum
+    reads whole contiguous rows and then contiguous channel runs, 1.3-2.5x faster than the
+    maximum of kh * kw strided views (and 3-5x faster than max_pool2d). The result has
+    channels_last strides.
+    """
     kh, kw = size
     rows, cols = x.shape[2] // kh * kh, x.shape[3] // kw * kw
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            view = x[:, :, i:rows:kh, j:cols:kw]
-            out = view if out is None else torch.maximum(out, view)
-    return out
+    tiles = x.permute(0, 2, 3, 1)[:, :rows, :cols]  # (B, H, W, C)
+    tiles = functools.reduce(torch.maximum, tiles.unflatten(1, (rows // kh, kh)).unbind(2))
+    tiles = functools.reduce(torch.maximum, tiles.unflatten(2, (cols // kw, kw)).unbind(3))
+    return tiles.permute(0, 3, 1, 2)
 
 
 class KerasAvgPool2D(nn.AvgPool2d):
@@ -712,7 +717,11 @@ class GlobalPool2D(nn.Module):
         self.mode = mode  # "avg" or "max"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3)) if self.mode == "avg" else x.amax(dim=(2, 3))
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        # Not amax: in bf16 on CPU adaptive_max_pool2d is 3x faster forward and 5-8x faster
+        # with its backward, which routes each gradient to one maximum (amax splits ties).
+        return F.adaptive_max_pool2d(x, 1).flatten(1)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
