@@ -15,9 +15,6 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cnnlab.api import Run, evaluate, make_config, predict, summary, train
 from cnnlab.config import RunConfig, load_config
-from cnnlab.runtime import reuse_freed_memory as _reuse_freed_memory
-
-_reuse_freed_memory()  # no page faults on every training step; see its docstring
 
 __all__ = [
     "Run",
