@@ -4,9 +4,11 @@ Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 ima
   - activation after the pool + fused Adam, against Keras' order + foreach Adam
   - dropout masks from torch.rand, against nn.Dropout (bernoulli_)
   - channels_last, against contiguous NCHW
+  - GlobalMaxPooling2D as adaptive_max_pool2d, against amax
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - bf16 autocast against fp32
-  - max pooling as a max of strided views, against max_pool2d
+  - max pooling by tile_max, against max_pool2d
+  - BatchNorm folded into the conv before it, against BatchNorm run as a layer
 
     .venv/bin/python benchmarks/bench_levers.py
     .venv/bin/python benchmarks/bench_levers.py --presets basic --rounds 9
@@ -27,9 +29,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, table
 
+import cnnlab.inference
 from cnnlab.benchmark import Stepper
 from cnnlab.inference import Preprocessing, predict_logits
-from cnnlab.models.layers import KerasConv2D, KerasDropout, KerasMaxPool2D
+from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
 
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
@@ -43,6 +46,7 @@ def variant(
     foreach: bool = False,
     bernoulli: bool = False,
     nchw: bool = False,
+    amax: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     stepper = Stepper(preset, SHAPE, 128, CPU, amp=True, channels_last=not nchw)
@@ -56,6 +60,10 @@ def variant(
         for name, module in list(stepper.model.layers.named_children()):
             if isinstance(module, KerasDropout):
                 setattr(stepper.model.layers, name, nn.Dropout(module.p))
+    if amax:
+        for module in stepper.model.modules():
+            if isinstance(module, GlobalPool2D) and module.mode == "max":
+                module.forward = lambda x: x.amax(dim=(2, 3))  # type: ignore[method-assign]
     if foreach:
         stepper.optimizer = torch.optim.Adam(stepper.model.parameters(), lr=1e-3, foreach=True)
     return stepper
@@ -83,10 +91,13 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("activation after pool + fused Adam", {}, {"keras_order": True, "foreach": True}),
         ("dropout masks from torch.rand", {}, {"bernoulli": True}),
         ("channels_last", {}, {"nchw": True}),
+        ("global max pool by adaptive_max_pool2d", {}, {"amax": True}),
     ]
     rows = []
     for lever, on, off in pairs:
         if lever.startswith("dropout") and preset not in ("tiny", "dropout"):
+            continue
+        if lever.startswith("global") and preset != "fast":
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
@@ -123,8 +134,23 @@ def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
             1,
             2 * rounds,
         )
-        lever = "evaluation: max pooling as a max of strided views"
+        lever = "evaluation: max pooling by tile_max"
         rows.append(_row(preset, lever, pooled["max_pool2d"], pooled["views"], "images/s"))
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+
+        def evaluate_unfolded() -> None:
+            fold = cnnlab.inference.fold_batchnorm
+            cnnlab.inference.fold_batchnorm = lambda m: m  # type: ignore[assignment]
+            try:
+                evaluate(True)
+            finally:
+                cnnlab.inference.fold_batchnorm = fold
+
+        folds = interleaved_ms(
+            {"folded": lambda: evaluate(True), "layer": evaluate_unfolded}, 1, 2 * rounds
+        )
+        lever = "evaluation: BatchNorm folded into the conv"
+        rows.append(_row(preset, lever, folds["layer"], folds["folded"], "images/s"))
     return rows
 
 

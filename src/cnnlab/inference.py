@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.transforms import normalize
+from cnnlab.models.folding import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,10 @@ def predict_logits(
     """Logits (N, K) in float32 on the CPU; with `tta_flip` the mean over the image and its mirror.
 
     `amp` runs the model under bf16 autocast where that is fast (see autocast_for); off, the
-    logits are exact fp32, as single-image predictions show them."""
+    logits are fp32 throughout, as single-image predictions show them. BatchNorms are folded into
+    the convs before them in a copy (see fold_batchnorm); `model` itself is left as it was."""
     device = device or next(model.parameters()).device
+    model = fold_batchnorm(model)
     was_training = model.training
     model.eval()
     chunks = []
