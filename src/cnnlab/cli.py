@@ -398,7 +398,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 autocast on CUDA and AMX CPUs (default on); --no-amp for exact fp32",
+        help="bf16 autocast on CUDA and AMX CPUs (default on); --no-amp for fp32 throughout",
     )
     g.add_argument("--checkpoint-every-steps", type=int)
     g.add_argument("--checkpoint-every-minutes", type=float)
