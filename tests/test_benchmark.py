@@ -36,7 +36,7 @@ def test_fast_preset_pools_before_batchnorm_and_keeps_its_size():
     assert kinds[:4] == ["Conv2D", "MaxPool2D", "BatchNormalization", "Activation"]
     summary = summarize(layers, (1, 28, 28), 10)
     assert summary.total_params == 137_026
-    # BN and GELU now run on 14x14 after the first conv, not 28x28
+    # BN and ReLU now run on 14x14 after the first conv, not 28x28
     assert summary.rows[2].output_shape == (None, 14, 14, 24)
 
 

@@ -61,7 +61,7 @@ def conv_layers(model: CnnModel) -> list[tuple[str, nn.Module]]:
 def cam_layer(model: CnnModel) -> tuple[str, nn.Module]:
     """The last convolution, extended through the BatchNormalization/Activation that follow it.
 
-    A conv-BN-GELU block is explained at its activated output, as Grad-CAM intends.
+    A conv-BN-ReLU block is explained at its activated output, as Grad-CAM intends.
     """
     modules = dict(model.layers.named_children())
     chosen: tuple[str, nn.Module] | None = None

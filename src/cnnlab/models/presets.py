@@ -74,38 +74,40 @@ def _dropout(num_classes: int) -> list[LayerDict]:
     ]
 
 
-def _conv_bn_gelu(filters: int) -> list[LayerDict]:
+def _conv_bn_relu(filters: int) -> list[LayerDict]:
     # No conv bias: the BatchNormalization after it has its own (beta). Momentum 0.9, not Keras'
     # 0.99: with 0.99 the running statistics lag far behind on short runs and evaluation suffers.
     return [
         Conv2D(filters, (3, 3), padding="same", use_bias=False),
         BatchNormalization(momentum=0.9),
-        Activation("gelu"),
+        Activation("relu"),
     ]
 
 
-def _conv_pool_bn_gelu(filters: int) -> list[LayerDict]:
-    # airbench's order: pool straight after the conv, so BatchNorm and GELU (a third of a step's
-    # time at full resolution) run on a quarter of the pixels. 1.3-1.4x faster training on CPU.
+def _conv_pool_bn_relu(filters: int) -> list[LayerDict]:
+    # airbench's order: pool straight after the conv, so BatchNorm and the activation (a third
+    # of a step's time at full resolution) run on a quarter of the pixels. 1.3-1.4x faster
+    # training on CPU.
     return [
         Conv2D(filters, (3, 3), padding="same", use_bias=False),
         MaxPool2D((2, 2), padding="same"),
         BatchNormalization(momentum=0.9),
-        Activation("gelu"),
+        Activation("relu"),
     ]
 
 
 def _fast(num_classes: int) -> list[LayerDict]:
-    # airbench-style: conv-BN-GELU blocks, width doubling as the resolution halves, a global max
+    # airbench-style: conv-BN-ReLU blocks, width doubling as the resolution halves, a global max
     # pool and one linear layer. Pooling right after the first conv keeps the wide layers at
     # 14x14 and 7x7: 16.6 MFLOP and 137,026 params on 28x28x1 (pooling after the second conv
     # instead costs 41 MFLOP for half the training speed). 'same' padding throughout, so any
-    # input size fits.
+    # input size fits. ReLU rather than airbench's GELU: on CPU its op is 4x cheaper, and the
+    # default recipe on Fashion-MNIST reached 92.81% (3 seeds) against GELU's 92.67%.
     return [
-        *_conv_pool_bn_gelu(24),
-        *_conv_pool_bn_gelu(48),
-        *_conv_bn_gelu(96),
-        *_conv_bn_gelu(96),
+        *_conv_pool_bn_relu(24),
+        *_conv_pool_bn_relu(48),
+        *_conv_bn_relu(96),
+        *_conv_bn_relu(96),
         GlobalMaxPooling2D(),
         Dense(num_classes, activation="softmax"),
     ]
@@ -127,7 +129,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "fast",
-            "Default: conv-BN-GELU blocks (24-48-96-96) and a global max pool, built for speed.",
+            "Default: conv-BN-ReLU blocks (24-48-96-96) and a global max pool, built for speed.",
             _fast,
         ),
     )
