@@ -130,12 +130,12 @@ def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
     rows = [_row(preset, "evaluation: bf16 autocast", ms["fp32"], ms["bf16"], "images/s")]
     if pools:
         pooled = interleaved_ms(
-            {"views": lambda: evaluate(True), "max_pool2d": evaluate_with_max_pool2d},
+            {"tile_max": lambda: evaluate(True), "max_pool2d": evaluate_with_max_pool2d},
             1,
             2 * rounds,
         )
         lever = "evaluation: max pooling by tile_max"
-        rows.append(_row(preset, lever, pooled["max_pool2d"], pooled["views"], "images/s"))
+        rows.append(_row(preset, lever, pooled["max_pool2d"], pooled["tile_max"], "images/s"))
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
 
         def evaluate_unfolded() -> None:

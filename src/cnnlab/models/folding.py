@@ -21,21 +21,20 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _foldable(modules: list[nn.Module], i: int) -> KerasConv2D | None:
-    """The conv that modules[i], a BatchNorm, can fold into: right after a Conv2D without an
-    activation, or after such a conv and a MaxPool2D when every scale is >= 0 (a per-channel
-    x * s + b with s >= 0 commutes with max)."""
+def _conv_to_fold_into(modules: list[nn.Module], i: int) -> int | None:
+    """Index of the conv that modules[i], a BatchNorm, can fold into: right after a Conv2D
+    without an activation, or after such a conv and a MaxPool2D when every scale is >= 0 (a
+    per-channel x * s + b with s >= 0 commutes with max)."""
     bn = modules[i]
     if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or i == 0:
         return None
-    before = modules[i - 1]
-    if isinstance(before, KerasMaxPool2D) and i >= 2:
+    j = i - 1
+    if isinstance(modules[j], KerasMaxPool2D) and j >= 1:
         if (_affine(bn)[0] < 0).any():
             return None
-        before = modules[i - 2]
-    if isinstance(before, KerasConv2D) and before.activation_name is None:
-        return before
-    return None
+        j -= 1
+    conv = modules[j]
+    return j if isinstance(conv, KerasConv2D) and conv.activation_name is None else None
 
 
 @torch.no_grad()
@@ -48,15 +47,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, CnnModel):
         return model
-    names = [name for name, _ in model.layers.named_children()]
-    targets = [i for i in range(len(names)) if _foldable(list(model.layers), i) is not None]
-    if not targets:
+    originals = list(model.layers)
+    pairs = [(i, _conv_to_fold_into(originals, i)) for i in range(len(originals))]
+    pairs = [(i, j) for i, j in pairs if j is not None]
+    if not pairs:
         return model
     folded = copy.deepcopy(model)
+    names = [name for name, _ in folded.layers.named_children()]
     modules = list(folded.layers)
-    for i in targets:
-        conv = _foldable(modules, i)
-        assert conv is not None
+    for i, j in pairs:
+        conv: KerasConv2D = modules[j]  # type: ignore[assignment]
         scale, shift = _affine(modules[i])  # type: ignore[arg-type]
         bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
         conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
