@@ -39,7 +39,7 @@ fashion-mnist:
 # Fashion-MNIST from Debian's package when it is there, else scikit-learn's embedded digits.
 demo: $(STAMP) fashion-mnist
 	@if [ -d $(FASHION_DIR) ]; then \
-	  $(BIN)/cnnlab train --dataset fashion-mnist --name demo --epochs 4; \
+	  $(BIN)/cnnlab train --dataset fashion-mnist --name demo; \
 	else \
 	  echo "Fashion-MNIST is not installed; running the demo on the embedded digits set."; \
 	  $(BIN)/cnnlab train --dataset digits --name demo --epochs 30; \

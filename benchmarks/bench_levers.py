@@ -5,10 +5,12 @@ Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 ima
   - dropout masks from torch.rand, against nn.Dropout (bernoulli_)
   - channels_last, against contiguous NCHW
   - GlobalMaxPooling2D as adaptive_max_pool2d, against amax
+  - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - bf16 autocast against fp32
   - max pooling by tile_max, against max_pool2d
   - BatchNorm folded into the conv before it, against BatchNorm run as a layer
+  - a conv's activation applied after the max pool that follows it, against Keras' order
 
     .venv/bin/python benchmarks/bench_levers.py
     .venv/bin/python benchmarks/bench_levers.py --presets basic --rounds 9
@@ -17,6 +19,7 @@ Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -30,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, table
 
 import cnnlab.inference
+import cnnlab.models.folding
 from cnnlab.benchmark import Stepper
 from cnnlab.inference import Preprocessing, predict_logits
+from cnnlab.models import Activation, BatchNormalization, Conv2D, MaxPool2D, preset_layers
+from cnnlab.models.folding import inference_copy
 from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
 
 SHAPE = (1, 28, 28)
@@ -47,9 +53,19 @@ def variant(
     bernoulli: bool = False,
     nchw: bool = False,
     amax: bool = False,
+    trained_stem: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
-    stepper = Stepper(preset, SHAPE, 128, CPU, amp=True, channels_last=not nchw)
+    layers = None
+    if trained_stem:  # fast's former first block: a trained 24-filter conv, BatchNorm, ReLU
+        stem = [
+            Conv2D(24, (3, 3), padding="same", use_bias=False),
+            MaxPool2D((2, 2), padding="same"),
+            BatchNormalization(momentum=0.9),
+            Activation("relu"),
+        ]
+        layers = stem + preset_layers(preset, 10)[2:]
+    stepper = Stepper(preset, SHAPE, 128, CPU, amp=True, channels_last=not nchw, layers=layers)
     if keras_order:
         for module in stepper.model.modules():
             if isinstance(module, KerasConv2D):
@@ -92,12 +108,13 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("dropout masks from torch.rand", {}, {"bernoulli": True}),
         ("channels_last", {}, {"nchw": True}),
         ("global max pool by adaptive_max_pool2d", {}, {"amax": True}),
+        ("frozen whitening conv, no BatchNorm, as first block", {}, {"trained_stem": True}),
     ]
     rows = []
     for lever, on, off in pairs:
         if lever.startswith("dropout") and preset not in ("tiny", "dropout"):
             continue
-        if lever.startswith("global") and preset != "fast":
+        if lever.startswith(("global", "frozen")) and preset != "fast":
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
@@ -139,18 +156,34 @@ def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
 
         def evaluate_unfolded() -> None:
-            fold = cnnlab.inference.fold_batchnorm
-            cnnlab.inference.fold_batchnorm = lambda m: m  # type: ignore[assignment]
+            fold = cnnlab.models.folding.fold_batchnorm
+            cnnlab.models.folding.fold_batchnorm = lambda m: m  # type: ignore[assignment]
             try:
                 evaluate(True)
             finally:
-                cnnlab.inference.fold_batchnorm = fold
+                cnnlab.models.folding.fold_batchnorm = fold
 
         folds = interleaved_ms(
             {"folded": lambda: evaluate(True), "layer": evaluate_unfolded}, 1, 2 * rounds
         )
         lever = "evaluation: BatchNorm folded into the conv"
         rows.append(_row(preset, lever, folds["layer"], folds["folded"], "images/s"))
+    if any(isinstance(m, KerasConv2D) and m.defer_activation for m in model.modules()):
+
+        def evaluate_in_keras_order() -> None:
+            cnnlab.inference.inference_copy = functools.partial(  # type: ignore[assignment]
+                inference_copy, defer_activations=False
+            )
+            try:
+                evaluate(True)
+            finally:
+                cnnlab.inference.inference_copy = inference_copy
+
+        order = interleaved_ms(
+            {"after": lambda: evaluate(True), "keras": evaluate_in_keras_order}, 1, 2 * rounds
+        )
+        lever = "evaluation: activation after the max pool"
+        rows.append(_row(preset, lever, order["keras"], order["after"], "images/s"))
     return rows
 
 

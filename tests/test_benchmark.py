@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnlab.benchmark import TRAIN_FLOPS_PER_FORWARD, bench_presets, matmul_ceiling
+from cnnlab.benchmark import bench_presets, matmul_ceiling
 from cnnlab.cli import main
 from cnnlab.inference import Preprocessing, autocast_for, cpu_has_fast_bf16, predict_logits
 from cnnlab.models import (
@@ -33,11 +33,26 @@ def test_flops_of_a_known_net_are_counted_by_hand():
 def test_fast_preset_pools_before_batchnorm_and_keeps_its_size():
     layers = preset_layers("fast", 10)
     kinds = [next(iter(layer)) for layer in layers]
-    assert kinds[:4] == ["Conv2D", "MaxPool2D", "BatchNormalization", "Activation"]
+    assert kinds[:6] == [
+        "Conv2D", "MaxPool2D", "Conv2D", "MaxPool2D", "BatchNormalization", "Activation"
+    ]  # fmt: skip
     summary = summarize(layers, (1, 28, 28), 10)
-    assert summary.total_params == 137_026
-    # BN and ReLU now run on 14x14 after the first conv, not 28x28
-    assert summary.rows[2].output_shape == (None, 14, 14, 24)
+    assert summary.total_params == 134_284
+    # BN and ReLU run on 7x7 after the second conv, not 14x14
+    assert summary.rows[4].output_shape == (None, 7, 7, 48)
+
+
+def test_training_flops_count_only_the_gradients_a_step_computes():
+    layers = [
+        Conv2D(4, (3, 3), trainable=False),  # forward only: 2*26*26*4*9
+        MaxPool2D((2, 2)),  # forward only: 676
+        Conv2D(2, (3, 3)),  # forward + weight gradients: 2 x 2*11*11*2*9*4
+        Flatten(),
+        Dense(10),  # forward, weight and input gradients: 3 x 2*242*10
+    ]
+    summary = summarize(layers, (1, 28, 28), 10)
+    frozen = 2 * 26 * 26 * 4 * 9 + 676
+    assert summary.train_flops == frozen + 2 * (2 * 11 * 11 * 2 * 9 * 4) + 3 * (2 * 242 * 10)
 
 
 def test_matmul_ceiling_is_positive_and_quick():
@@ -50,10 +65,10 @@ def test_bench_presets_reports_flops_consistent_with_throughput():
     (result,) = bench_presets(
         ["tiny"], batch_size=16, steps=1, rounds=1, eval_images=64, device=torch.device("cpu")
     )
-    flops = summarize(preset_layers("tiny", 10), (1, 28, 28), 10).flops
-    assert result.forward_flops == flops
+    summary = summarize(preset_layers("tiny", 10), (1, 28, 28), 10)
+    assert result.forward_flops == summary.flops and result.train_flops == summary.train_flops
     assert result.train_images_per_second > 0 and result.eval_images_per_second > 0
-    expected = result.train_images_per_second * flops * TRAIN_FLOPS_PER_FORWARD / 1e9
+    expected = result.train_images_per_second * summary.train_flops / 1e9
     assert result.train_gflops == pytest.approx(expected)
 
 

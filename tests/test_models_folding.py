@@ -1,4 +1,5 @@
-"""BatchNorm folding for inference: same outputs, fewer layers, the model itself untouched."""
+"""Inference copies: BatchNorm folded, activations after max pooling; same outputs, fewer
+layers and pixels, the model itself untouched."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from cnnlab.models import (
     build_model,
     preset_layers,
 )
-from cnnlab.models.folding import fold_batchnorm
+from cnnlab.models.folding import fold_batchnorm, inference_copy
+from cnnlab.models.layers import KerasConv2D
 
 
 def _with_running_stats(model: nn.Module, negative_scale: bool = False) -> nn.Module:
@@ -45,7 +47,7 @@ def test_the_default_net_folds_every_batchnorm_and_keeps_its_outputs():
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_batchnorm(model)
-    assert _batchnorms(model) == 4 and _batchnorms(folded) == 0
+    assert _batchnorms(model) == 3 and _batchnorms(folded) == 0
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
@@ -97,8 +99,20 @@ def test_predictions_use_the_folded_copy_and_leave_the_model_training():
     model.train()
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
     logits = predict_logits(model, images, Preprocessing((1, 28, 28)))
-    assert model.training and _batchnorms(model) == 4
+    assert model.training and _batchnorms(model) == 3
     model.eval()
     with torch.no_grad():
         expected = model(images.float() / 255)
     assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_copies_apply_relu_after_the_pool_with_identical_outputs():
+    model = build_model(preset_layers("tiny", 10), (1, 28, 28), 10).eval()
+    fast = inference_copy(model)
+    convs = [m for m in fast.modules() if isinstance(m, KerasConv2D)]
+    assert all(conv.defer_activation and conv.defer_in_eval for conv in convs)
+    assert not any(m.defer_in_eval for m in model.modules() if isinstance(m, KerasConv2D))
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))  # max and ReLU commute exactly
+    assert inference_copy(model, defer_activations=False) is model  # nothing to fold in tiny

@@ -21,8 +21,6 @@ from cnnlab.inference import (
 )
 from cnnlab.models import build_model, preset_layers, summarize_model
 
-TRAIN_FLOPS_PER_FORWARD = 3  # backward ~ 2x forward (input and weight gradients)
-
 
 @dataclass
 class Ceiling:
@@ -41,9 +39,10 @@ class PresetBench:
     precision: str  # "fp32" or "bf16 autocast"
     batch_size: int
     forward_flops: int  # per image, counted by cnnlab.models.summarize
+    train_flops: int  # per image and training step: forward and the gradients it needs
     train_images_per_second: float  # median over rounds
     train_images_per_second_best: float
-    train_gflops: float  # median, at TRAIN_FLOPS_PER_FORWARD x forward FLOPs
+    train_gflops: float  # median images/s x train_flops
     eval_images_per_second: float  # predict_logits on uint8 images, median
 
     def fraction_of(self, ceiling: Ceiling) -> float:
@@ -86,7 +85,8 @@ def matmul_ceiling(
 
 class Stepper:
     """One preset's model, optimiser and a fixed batch; `step()` is one training step as the
-    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, fused Adam)."""
+    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, fused Adam).
+    Frozen layers stay frozen; random weights stand in for patch whitening's."""
 
     def __init__(
         self,
@@ -97,16 +97,18 @@ class Stepper:
         amp: bool,
         num_classes: int = 10,
         channels_last: bool = True,
+        layers: list[Any] | None = None,  # instead of the preset's (benchmarks/bench_levers.py)
     ) -> None:
         torch.manual_seed(0)
-        self.model = build_model(
-            preset_layers(preset, num_classes, input_shape), input_shape, num_classes
-        ).to(device)
+        layers = layers or preset_layers(preset, num_classes, input_shape)
+        self.model = build_model(layers, input_shape, num_classes).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.flops = summarize_model(self.model).flops
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=True)
+        summary = summarize_model(self.model)
+        self.flops, self.train_flops = summary.flops, summary.train_flops
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=1e-3, fused=True)
         self.prep = Preprocessing(input_shape)
         self.images = torch.randint(
             0, 256, (batch_size, *input_shape), dtype=torch.uint8, device=device
@@ -172,9 +174,10 @@ def bench_presets(
                 precision=precision,
                 batch_size=batch_size,
                 forward_flops=s.flops,
+                train_flops=s.train_flops,
                 train_images_per_second=rate,
                 train_images_per_second_best=max(rates),
-                train_gflops=rate * s.flops * TRAIN_FLOPS_PER_FORWARD / 1e9,
+                train_gflops=rate * s.train_flops / 1e9,
                 eval_images_per_second=statistics.median(evals),
             )
         )

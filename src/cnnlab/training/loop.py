@@ -20,6 +20,8 @@ from cnnlab.data.transforms import Augment, augment_batch
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import CnnlabError
 from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
+from cnnlab.models.layers import CnnModel
+from cnnlab.models.whitening import WHITENING_IMAGES, init_whitening, uses_whitening
 from cnnlab.training.metrics import classification_metrics
 from cnnlab.training.schedules import lr_at
 
@@ -145,6 +147,9 @@ class Trainer:
         self.config = config
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
+        if isinstance(model, CnnModel) and uses_whitening(model):  # before any checkpoint loads
+            sample = train.images[:WHITENING_IMAGES]
+            init_whitening(model, prepare_batch(sample, prep, self.device, channels_last=False))
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if config.compile else self.model
