@@ -75,10 +75,11 @@ def inference_copy(model: nn.Module, defer_activations: bool = True) -> nn.Modul
     if not isinstance(model, CnnModel):
         return model
     fast = fold_batchnorm(model)
-    if defer_activations:
-        if fast is model:
-            fast = copy.deepcopy(model)
-        for module in fast.modules():
-            if isinstance(module, (KerasConv2D, KerasMaxPool2D)):
-                module.defer_in_eval = True
-    return fast.eval() if fast is not model else model
+    if not defer_activations:
+        return fast
+    if fast is model:  # nothing folded: copy, so that the model itself keeps Keras' order
+        fast = copy.deepcopy(model)
+    for module in fast.modules():
+        if isinstance(module, (KerasConv2D, KerasMaxPool2D)):
+            module.defer_in_eval = True
+    return fast.eval()
