@@ -92,6 +92,24 @@ def test_predictions_are_exact_fp32_unless_amp_is_asked_for():
     assert (mixed - expected).abs().max().item() < 0.05  # bf16 keeps 3 significant digits
 
 
+def test_cpu_batches_on_worker_threads_match_one_thread_in_order():
+    torch.manual_seed(0)
+    model = build_model(preset_layers("fast", 10), (1, 28, 28), 10).train()
+    images = torch.randint(0, 256, (70, 1, 28, 28), dtype=torch.uint8)
+    prep = Preprocessing((1, 28, 28))
+    threads_before = torch.get_num_threads()
+    for amp in (False, True):
+        alone = predict_logits(model, images, prep, batch_size=16, amp=amp, threads=1)
+        shared = predict_logits(model, images, prep, batch_size=16, amp=amp, threads=3)
+        assert shared.shape == (70, 10) and not shared.requires_grad  # workers run inference_mode
+        assert (shared - alone).abs().max().item() < 1e-5  # same batches, same order, same dtype
+    whole = predict_logits(model, images, prep, batch_size=16, threads=1)
+    one_by_one = torch.cat([predict_logits(model, images[i : i + 1], prep) for i in range(70)])
+    assert (whole - one_by_one).abs().max().item() < 1e-4
+    assert model.training  # left as it was
+    assert torch.get_num_threads() == threads_before  # workers set their own thread count
+
+
 def test_bench_command_prints_json(capsys):
     code = main(
         [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,7 +94,6 @@ def prepare_batch(
     return batch
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,  # (N, C, H, W) uint8
@@ -104,26 +104,43 @@ def predict_logits(
     tta_flip: bool = False,
     channels_last: bool = True,
     amp: bool = False,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Logits (N, K) in float32 on the CPU; with `tta_flip` the mean over the image and its mirror.
 
     `amp` runs the model under bf16 autocast where that is fast (see autocast_for); off, the
     logits are fp32 throughout, as single-image predictions show them. The model runs as an
     inference copy (see inference_copy: BatchNorm folded, activations after max pooling);
-    `model` itself is left as it was."""
+    `model` itself is left as it was.
+
+    On the CPU the batches go to `threads` worker threads (default: torch.get_num_threads()),
+    each running whole batches on one core, instead of every op being split over all cores:
+    no barrier after each op, so a core slowed by another process holds back only its own
+    batches (1.1-1.7x more images/s on 2 shared cores, measured in benchmarks/)."""
     device = device or next(model.parameters()).device
     model = inference_copy(model)
+    starts = range(0, images.shape[0], batch_size)
+
+    @torch.inference_mode()
+    def logits_of(start: int) -> torch.Tensor:
+        batch = prepare_batch(images[start : start + batch_size], prep, device, channels_last)
+        with autocast_for(device, amp):
+            logits = model(batch).float()
+            if tta_flip:
+                logits = (logits + model(batch.flip(-1)).float()) / 2
+        return logits.cpu()
+
+    workers = min(threads or torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
     was_training = model.training
     model.eval()
-    chunks = []
     try:
-        for start in range(0, images.shape[0], batch_size):
-            batch = prepare_batch(images[start : start + batch_size], prep, device, channels_last)
-            with autocast_for(device, amp):
-                logits = model(batch).float()
-                if tta_flip:
-                    logits = (logits + model(batch.flip(-1)).float()) / 2
-            chunks.append(logits.cpu())
+        if workers > 1:
+            with ThreadPoolExecutor(
+                workers, initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
+                chunks = list(pool.map(logits_of, starts))
+        else:
+            chunks = [logits_of(start) for start in starts]
     finally:
         model.train(was_training)
     if not chunks:
