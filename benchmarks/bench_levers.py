@@ -11,6 +11,7 @@ Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - max pooling by tile_max, against max_pool2d
   - BatchNorm folded into the conv before it, against BatchNorm run as a layer
   - a conv's activation applied after the max pool that follows it, against Keras' order
+  - batches on one-core worker threads, against every op split over all cores
 
     .venv/bin/python benchmarks/bench_levers.py
     .venv/bin/python benchmarks/bench_levers.py --presets basic --rounds 9
@@ -145,6 +146,17 @@ def evaluation_rows(preset: str, rounds: int) -> list[list[str]]:
         {"bf16": lambda: evaluate(True), "fp32": lambda: evaluate(False)}, 1, 2 * rounds
     )
     rows = [_row(preset, "evaluation: bf16 autocast", ms["fp32"], ms["bf16"], "images/s")]
+    if torch.get_num_threads() > 1:
+        workers = interleaved_ms(
+            {
+                "workers": lambda: evaluate(True),
+                "ops": lambda: predict_logits(model, images, prep, amp=True, threads=1),
+            },
+            1,
+            2 * rounds,
+        )
+        lever = "evaluation: batches on one-core worker threads"
+        rows.append(_row(preset, lever, workers["ops"], workers["workers"], "images/s"))
     if pools:
         pooled = interleaved_ms(
             {"tile_max": lambda: evaluate(True), "max_pool2d": evaluate_with_max_pool2d},

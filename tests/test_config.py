@@ -35,6 +35,7 @@ def test_unknown_key_suggests_the_closest_name() -> None:
         ({"train": {"optimizer": "adamm"}}, r"Did you mean 'adam'"),
         ({"train": {"early_stopping": {"enabled": "yes"}}}, r"must be true or false"),
         ({"data": {"val_split": 1.5}}, r"val_split must be in \[0, 1\)"),
+        ({"data": {"augment": {"erase": 2}}}, r"erase is a probability in \[0, 1\].*0.5"),
         ({"data": []}, r"expected a mapping"),
         ({"name": "a/b"}, r"plain folder name"),
     ],
@@ -61,3 +62,11 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
     informational = tmp_path / "info.yaml"
     informational.write_text("environment: {torch: x}\ntrain: {epochs: 3}\n")
     assert load_config(informational).train.epochs == 3
+
+
+def test_augmentation_flags_reach_the_config() -> None:
+    from cnnlab.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--augment", "--erase", "0.5"])
+    augment = config_from_args(args).data.augment
+    assert (augment.shift, augment.flip, augment.erase) == (0.1, True, 0.5)

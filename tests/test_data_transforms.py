@@ -75,13 +75,17 @@ def test_augment_settings_are_validated() -> None:
             Augment(shift=bad)
     with pytest.raises(ConfigError, match="flip"):
         Augment(flip="yes")
+    assert Augment(erase=0.5).enabled and not Augment(erase=0.0).enabled
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ConfigError, match="erase"):
+            Augment(erase=bad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_augment_is_deterministic_per_generator(device: str, dtype: torch.dtype) -> None:
     batch = random_batch().to(device, dtype)
-    aug = Augment(shift=0.2, flip=True)
+    aug = Augment(shift=0.2, flip=True, erase=0.5)
     first = augment_batch(batch, aug, torch.Generator(device).manual_seed(7))
     again = augment_batch(batch, aug, torch.Generator(device).manual_seed(7))
     other = augment_batch(batch, aug, torch.Generator(device).manual_seed(8))
@@ -139,9 +143,34 @@ def test_shift_fills_with_zeros_and_keeps_the_rest_of_the_image() -> None:
         assert int(moved.count_nonzero()) == height * width
 
 
+def test_erase_zeroes_one_rectangle_of_every_image_across_channels() -> None:
+    batch = torch.full((200, 3, 28, 20), 255, dtype=torch.uint8)
+    out = augment_batch(batch, Augment(erase=1.0), torch.Generator().manual_seed(3))
+    assert torch.equal(out[:, :1].expand_as(out), out)  # the same rectangle in every channel
+    areas = []
+    for image in out[:, 0] == 0:  # (H, W) masks
+        rows, cols = image.any(1).nonzero(), image.any(0).nonzero()
+        height, width = len(rows), len(cols)
+        assert height and width, "every image is erased with erase=1"
+        assert rows.max() - rows.min() + 1 == height and cols.max() - cols.min() + 1 == width
+        assert int(image.sum()) == height * width  # a solid rectangle
+        areas.append(height * width / (28 * 20))
+    assert min(areas) > 0.01 and max(areas) < 0.4  # 2-33% of the image, up to rounding
+    assert max(areas) - min(areas) > 0.15  # sizes vary
+
+
+def test_erase_probability_and_the_rest_of_the_image() -> None:
+    batch = random_batch(n=400, c=1, h=16, w=16).clamp(min=1)  # no zero pixels of its own
+    out = augment_batch(batch, Augment(erase=0.25), torch.Generator().manual_seed(5))
+    erased = (out == 0).flatten(1).any(1)
+    assert 70 < int(erased.sum()) < 130  # about a quarter of 400
+    assert torch.equal(out[~erased], batch[~erased])
+    assert torch.equal(out[out != 0], batch[out != 0])  # only zeroing, nothing moved
+
+
 def test_augment_keeps_memory_format() -> None:
     g = torch.Generator().manual_seed(0)
-    aug = Augment(shift=0.1, flip=True)
+    aug = Augment(shift=0.1, flip=True, erase=0.5)
     channels_last = random_batch().contiguous(memory_format=torch.channels_last)
     assert augment_batch(channels_last, aug, g).is_contiguous(memory_format=torch.channels_last)
     assert augment_batch(random_batch(), aug, g).is_contiguous()

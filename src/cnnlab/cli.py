@@ -69,6 +69,7 @@ TRAIN_FLAGS = {
     "standardize": "data.standardize",
     "shift": "data.augment.shift",
     "flip": "data.augment.flip",
+    "erase": "data.augment.erase",
     "image_size": "data.image_size",
     "color_mode": "data.color_mode",
     "resize": "data.resize",
@@ -343,6 +344,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="random horizontal flips",
+    )
+    g.add_argument(
+        "--erase",
+        type=float,
+        metavar="P",
+        help="random erasing: zero a random rectangle of each image with probability P (e.g. 0.5)",
     )
     g.add_argument(
         "--image-size",

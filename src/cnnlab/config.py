@@ -29,6 +29,7 @@ class AugmentConfig:
 
     shift: float = 0.0  # max translation as a fraction of width/height (Keras width_shift_range)
     flip: bool = False  # random horizontal flip
+    erase: float = 0.0  # probability of zeroing a random rectangle of each image (random erasing)
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"data.limit must be at least 2 images, got {d.limit}.")
     if not 0.0 <= d.augment.shift < 0.5:
         raise ConfigError(f"data.augment.shift must be in [0, 0.5), got {d.augment.shift}.")
+    if not 0.0 <= d.augment.erase <= 1.0:
+        raise ConfigError(
+            f"data.augment.erase is a probability in [0, 1], got {d.augment.erase}. Try 0.5."
+        )
     if d.image_size is not None and (
         len(d.image_size) != 2 or not all(isinstance(v, int) and v > 0 for v in d.image_size)
     ):

@@ -102,7 +102,9 @@ def _prepare_registry(config: DataConfig, seed: int, download: bool) -> Prepared
         test=dataset.test,
         mean=None,
         std=None,
-        augment=Augment(shift=config.augment.shift, flip=config.augment.flip),
+        augment=Augment(
+            shift=config.augment.shift, flip=config.augment.flip, erase=config.augment.erase
+        ),
         color_mode="grayscale" if channels == 1 else "rgb",
         resize="stretch",
         split_rows=rows,
@@ -146,7 +148,9 @@ def _prepare_folder(config: DataConfig, seed: int) -> PreparedData:
         test=dataset.test,
         mean=None,
         std=None,
-        augment=Augment(shift=config.augment.shift, flip=config.augment.flip),
+        augment=Augment(
+            shift=config.augment.shift, flip=config.augment.flip, erase=config.augment.erase
+        ),
         color_mode=info.color_mode,
         resize=info.resize,
         split_rows=rows,

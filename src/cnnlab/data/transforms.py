@@ -1,4 +1,5 @@
-"""Whole-batch pixel transforms: channel statistics, normalisation and random shift/flip augmentation."""
+"""Whole-batch pixel transforms: channel statistics, normalisation and random shift, flip and
+erasing augmentation."""
 
 from __future__ import annotations
 
@@ -73,10 +74,13 @@ class Augment:
         width_shift_range / height_shift_range; round(shift * W) pixels across and
         round(shift * H) down, filled with zeros.
     flip: mirror left-right with probability 1/2.
+    erase: probability of blanking one random rectangle of each image to zero (random erasing,
+        Zhong et al. 2017, with torchvision's ranges: 2-33% of the area, aspect ratio 0.3-3.3).
     """
 
     shift: float = 0.0
     flip: bool = False
+    erase: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.shift, bool) or not (
@@ -87,10 +91,16 @@ class Augment:
             raise ConfigError(f"augmentation shift must be in [0, 1), got {self.shift}.")
         if not isinstance(self.flip, bool):
             raise ConfigError(f"augmentation flip must be true or false, got {self.flip!r}.")
+        if isinstance(self.erase, bool) or not (
+            isinstance(self.erase, int | float) and 0 <= self.erase <= 1
+        ):
+            raise ConfigError(
+                f"augmentation erase is a probability in [0, 1], got {self.erase!r}; try 0.5."
+            )
 
     @property
     def enabled(self) -> bool:
-        return self.shift > 0 or self.flip
+        return self.shift > 0 or self.flip or self.erase > 0
 
     def pixels(self, height: int, width: int) -> tuple[int, int]:
         """Largest shift in pixels (down, across) for images of this size."""
@@ -98,7 +108,8 @@ class Augment:
 
 
 def augment_batch(batch: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Randomly shift and/or flip each image of a (B, C, H, W) batch; uint8 or float, any device.
+    """Randomly shift, flip and/or erase part of each image of a (B, C, H, W) batch; uint8 or
+    float, any device.
 
     The draws come from `generator` alone (which must live on the batch's device), so the
     same generator state gives the same output. Returns a new tensor in the input's memory
@@ -117,6 +128,8 @@ def augment_batch(batch: torch.Tensor, aug: Augment, generator: torch.Generator)
         out = _random_shift(out, pad_h, pad_w, generator)
     if aug.flip:
         out = _random_flip(out, generator)
+    if aug.erase > 0:
+        out = _random_erase(out, aug.erase, generator)
     if out is batch:
         return batch.clone(memory_format=torch.preserve_format)
     return out.contiguous(memory_format=_memory_format(batch))
@@ -147,6 +160,38 @@ def _random_shift(
 def _random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     mirror = torch.rand(batch.shape[0], generator=generator, device=batch.device) < 0.5  # (B,)
     return torch.where(mirror[:, None, None, None], batch.flip(3), batch)
+
+
+ERASE_AREA = (0.02, 0.33)  # fraction of the image a rectangle covers (torchvision's defaults)
+ERASE_RATIO = (0.3, 1 / 0.3)  # its height / width
+
+
+def _random_erase(batch: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p per image, set one random rectangle (all channels) to zero.
+
+    Sizes come from an area fraction drawn in ERASE_AREA and a log-uniform aspect ratio in
+    ERASE_RATIO, clipped to the image; positions are uniform where the rectangle fits. One
+    mask for the whole batch from row and column ranges: no loop over samples.
+    """
+    b, _, h, w = batch.shape
+    device = batch.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:  # (B,)
+        return torch.rand(b, generator=generator, device=device) * (high - low) + low
+
+    area = uniform(*ERASE_AREA) * (h * w)
+    ratio = uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])).exp()
+    height = (area * ratio).sqrt().round().clamp(1, h)
+    width = (area / ratio).sqrt().round().clamp(1, w)
+    top = (uniform(0, 1) * (h - height + 1)).floor()
+    left = (uniform(0, 1) * (w - width + 1)).floor()
+    chosen = torch.rand(b, generator=generator, device=device) < p
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])  # (B, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]  # (B, H, W)
+    return batch.masked_fill(mask[:, None], 0)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:

@@ -64,7 +64,7 @@ def save_augmentation_preview(
     augmented = augment_batch(originals.to(generator.device), aug, generator).cpu()
     rows = [list(_to_hwc(originals)), list(_to_hwc(augmented))]
     titles = [["original"] * len(rows[0]), ["augmented"] * len(rows[1])]
-    heading = f"augmentation: shift={aug.shift:g}, flip={aug.flip}"
+    heading = f"augmentation: shift={aug.shift:g}, flip={aug.flip}, erase={aug.erase:g}"
     return _save(_grid_figure(rows, titles, heading=heading), path)
 
 
