@@ -90,6 +90,26 @@ def test_train_evaluate_predict_end_to_end(capsys, tmp_path: Path) -> None:
     assert "dataset: digits" in out
 
 
+def test_train_without_validation_still_reports_its_time(capsys, tmp_path: Path) -> None:
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "fast",
+        "--epochs",
+        "1",
+        "--val-split",
+        "0",
+        "--project",
+        str(tmp_path / "runs"),
+        "--quiet",
+    )
+    assert code == 0
+    assert "Best epoch" not in out and "Training took" in out and "Test: loss" in out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -224,11 +224,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_train_summary(run: Any) -> None:
     t = run.training
     best = next((r for r in t.history if int(r["epoch"]) == t.best_epoch), None)
+    took = f"Training took {t.seconds:.1f}s."
     if best and "val_accuracy" in best:
         out(
             f"Best epoch {t.best_epoch}: val_loss {best['val_loss']:.4f}, "
-            f"val_acc {best['val_accuracy']:.4f}. Training took {t.seconds:.1f}s."
+            f"val_acc {best['val_accuracy']:.4f}. {took}"
         )
+    else:  # no validation set
+        out(took)
     if run.evaluation is not None:
         e = run.evaluation
         out(
