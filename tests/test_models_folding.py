@@ -116,3 +116,21 @@ def test_inference_copies_apply_relu_after_the_pool_with_identical_outputs():
     with torch.no_grad():
         assert torch.equal(fast(x), model(x))  # max and ReLU commute exactly
     assert inference_copy(model, defer_activations=False) is model  # nothing to fold in tiny
+
+
+def test_channels_last_inference_copies_restride_one_channel_weights():
+    model = build_model(preset_layers("fast", 10), (1, 28, 28), 10).eval()  # as loaded: NCHW
+    first = model.layers[0].weight
+    assert first.stride(1) != 1  # (18, 1, 3, 3) NCHW: .contiguous(channels_last) keeps this
+    fast = inference_copy(model, channels_last=True)
+    assert all(
+        p.stride(1) == 1 and p.is_contiguous(memory_format=torch.channels_last)
+        for p in fast.parameters()
+        if p.dim() == 4
+    )
+    assert model.layers[0].weight is first and first.stride(1) != 1  # the model is untouched
+    tiny = build_model(preset_layers("tiny", 10), (1, 28, 28), 10).eval()  # nothing to fold
+    assert inference_copy(tiny, defer_activations=False, channels_last=True) is not tiny
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-4)

@@ -118,7 +118,7 @@ def predict_logits(
     no barrier after each op, so a core slowed by another process holds back only its own
     batches (1.1-1.7x more images/s on 2 shared cores, measured in benchmarks/)."""
     device = device or next(model.parameters()).device
-    model = inference_copy(model)
+    model = inference_copy(model, channels_last=channels_last)
     starts = range(0, images.shape[0], batch_size)
 
     @torch.inference_mode()

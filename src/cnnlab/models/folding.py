@@ -66,20 +66,29 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
-def inference_copy(model: nn.Module, defer_activations: bool = True) -> nn.Module:
+def inference_copy(
+    model: nn.Module, defer_activations: bool = True, channels_last: bool = False
+) -> nn.Module:
     """A copy of `model` for fast inference, `model` untouched: BatchNorms folded into the convs
     before them (fold_batchnorm) and, with `defer_activations`, a Conv2D's ReLU-like activation
     applied after the MaxPool2D that follows it, on a quarter of the pixels, as training does
-    (exact: such activations commute with max). Same outputs up to float rounding. A model
-    that is not a CnnModel (a compiled one) is returned as it is."""
+    (exact: such activations commute with max). Same outputs up to float rounding.
+
+    With `channels_last` the copy's conv weights are stored channels_last, as training keeps
+    them: a model loaded from a file has NCHW weights, and with those oneDNN writes a
+    one-channel conv's output NCHW and converts it: 2.3x slower evaluation of `fast`.
+    A model that is not a CnnModel (a compiled one) is returned as it is."""
     if not isinstance(model, CnnModel):
         return model
     fast = fold_batchnorm(model)
-    if not defer_activations:
+    if not defer_activations and not channels_last:
         return fast
-    if fast is model:  # nothing folded: copy, so that the model itself keeps Keras' order
+    if fast is model:  # nothing folded: copy, so that the model itself is left as it is
         fast = copy.deepcopy(model)
-    for module in fast.modules():
-        if isinstance(module, (KerasConv2D, KerasMaxPool2D)):
-            module.defer_in_eval = True
+    if defer_activations:
+        for module in fast.modules():
+            if isinstance(module, (KerasConv2D, KerasMaxPool2D)):
+                module.defer_in_eval = True
+    if channels_last:  # .to restrides even one-channel weights, which .contiguous leaves as is
+        fast = fast.to(memory_format=torch.channels_last)
     return fast.eval()
