@@ -116,7 +116,7 @@ def predict_logits(
     On the CPU the batches go to `threads` worker threads (default: torch.get_num_threads()),
     each running whole batches on one core, instead of every op being split over all cores:
     no barrier after each op, so a core slowed by another process holds back only its own
-    batches (1.1-1.7x more images/s on 2 shared cores, measured in benchmarks/)."""
+    batches (1.06-1.28x more images/s on 2 shared cores, benchmarks/bench_levers.py)."""
     device = device or next(model.parameters()).device
     model = inference_copy(model, channels_last=channels_last)
     starts = range(0, images.shape[0], batch_size)
@@ -130,6 +130,8 @@ def predict_logits(
                 logits = (logits + model(batch.flip(-1)).float()) / 2
         return logits.cpu()
 
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     workers = min(threads or torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
     was_training = model.training
     model.eval()
