@@ -69,6 +69,11 @@ def prepare_data(config: DataConfig, seed: int, *, download: bool = True) -> Pre
     return prepared
 
 
+def _augment(config: DataConfig) -> Augment:
+    a = config.augment
+    return Augment(shift=a.shift, flip=a.flip, erase=a.erase)
+
+
 def _limit(images: ImageSet, limit: int | None, seed: int) -> tuple[ImageSet, np.ndarray]:
     """A seeded random subset of `limit` images (all of them when limit is None)."""
     n = len(images)
@@ -102,9 +107,7 @@ def _prepare_registry(config: DataConfig, seed: int, download: bool) -> Prepared
         test=dataset.test,
         mean=None,
         std=None,
-        augment=Augment(
-            shift=config.augment.shift, flip=config.augment.flip, erase=config.augment.erase
-        ),
+        augment=_augment(config),
         color_mode="grayscale" if channels == 1 else "rgb",
         resize="stretch",
         split_rows=rows,
@@ -148,9 +151,7 @@ def _prepare_folder(config: DataConfig, seed: int) -> PreparedData:
         test=dataset.test,
         mean=None,
         std=None,
-        augment=Augment(
-            shift=config.augment.shift, flip=config.augment.flip, erase=config.augment.erase
-        ),
+        augment=_augment(config),
         color_mode=info.color_mode,
         resize=info.resize,
         split_rows=rows,
