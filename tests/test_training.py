@@ -153,3 +153,30 @@ def test_optimizers_use_fused_kernels_where_torch_has_them(name, fused):
     model = torch.nn.Linear(3, 2)
     optimizer = make_optimizer(model, TrainConfig(optimizer=name, momentum=0.9))
     assert bool(optimizer.defaults.get("fused")) is fused
+
+
+def test_erasing_alone_is_applied_in_training_and_previewed(squares, monkeypatch) -> None:
+    """Random erasing on its own (no shift, no flip) must still reach the training batches."""
+    from cnnlab.data.transforms import Augment
+    from cnnlab.training import loop
+
+    seen: list[Augment] = []
+
+    def recording(batch, aug, generator):
+        seen.append(aug)
+        return augment_batch(batch, aug, generator)
+
+    augment_batch = loop.augment_batch
+    monkeypatch.setattr(loop, "augment_batch", recording)
+    config = TrainConfig(batch_size=16, lr=3e-3, epochs=1)
+    model = build_model(preset_layers("tiny", 4), squares.shape, 4)
+    prep = Preprocessing(input_shape=squares.shape)
+    erase_only = Augment(erase=0.5)
+    trainer = Trainer(model, config, squares, None, prep, augment=erase_only, seed=0)
+    trainer.fit()
+    assert seen and all(aug == erase_only for aug in seen)
+
+
+def test_erasing_alone_gets_an_augmentation_preview(digits_config: RunConfig) -> None:
+    result = train_run(digits_config.with_overrides({"train.epochs": 1, "data.augment.erase": 0.5}))
+    assert (result.run_dir / "augmentation.png").is_file()

@@ -156,7 +156,7 @@ class Trainer:
         self.train_set = ImageSet(train.images.to(self.device), train.labels.to(self.device))
         self.val_set = val if val is not None and len(val) > 0 else None
         self.prep = prep
-        self.augment = augment if augment is not None and (augment.shift or augment.flip) else None
+        self.augment = augment if augment is not None and augment.enabled else None
         self.seed = seed
         self.callbacks = list(callbacks)
         self.class_weights = class_weights.to(self.device) if class_weights is not None else None

@@ -299,6 +299,6 @@ def _restore(trainer: Trainer, checkpoint: dict[str, Any], run_dir: Path) -> Non
 def _write_data_previews(run_dir: Path, data: PreparedData, seed: int) -> None:
     images, labels = data.train.images, data.train.labels
     save_sample_grid(images, labels, data.classes, run_dir / "samples.png")
-    if data.augment.shift or data.augment.flip:
+    if data.augment.enabled:
         generator = torch.Generator().manual_seed(seed)
         save_augmentation_preview(images[:8], data.augment, generator, run_dir / "augmentation.png")
