@@ -52,10 +52,16 @@ def one_run(seed: int, project: Path, extra: list[str]) -> dict[str, float]:
     run_dir = Path(done.stdout.strip().splitlines()[-1].removeprefix("Results saved to ").strip())
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    epoch_seconds = sorted(float(r["seconds"]) for r in rows) or [float("nan")]
     return {
         "seed": seed,
         "test_accuracy": float(test.group(1)) if test else float("nan"),
-        "train_seconds": sum(float(r["seconds"]) for r in rows),
+        "train_seconds": sum(epoch_seconds),
+        # This machine's cores are shared: one run's epochs can differ 2x, which says
+        # how much of a slow run is the host rather than the recipe.
+        "epoch_seconds_min": epoch_seconds[0],
+        "epoch_seconds_median": epoch_seconds[len(epoch_seconds) // 2],
+        "epoch_seconds_max": epoch_seconds[-1],
         "train_val_seconds": float(took.group(1)) if took else float("nan"),
         "wall_seconds": wall,
         "epochs": len(rows),
@@ -86,7 +92,8 @@ def main() -> None:
             print(
                 f"seed {seed}: test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs; "
                 f"training {r['train_seconds']:.1f}s (with validation {r['train_val_seconds']:.1f}s), "
-                f"whole command {r['wall_seconds']:.1f}s",
+                f"whole command {r['wall_seconds']:.1f}s; epochs {r['epoch_seconds_min']:.1f}-"
+                f"{r['epoch_seconds_max']:.1f}s (median {r['epoch_seconds_median']:.1f}s)",
                 flush=True,
             )
     acc = [r["test_accuracy"] for r in results]
