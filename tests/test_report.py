@@ -10,7 +10,8 @@ import pytest
 
 from cnnlab import api
 from cnnlab.cli import main
-from cnnlab.reporting.report import most_confused_pairs
+from cnnlab.config import RunConfig
+from cnnlab.reporting.report import _augment_text, most_confused_pairs
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -158,3 +159,16 @@ def test_learning_curves_name_the_label_smoothing_of_the_training_loss() -> None
     assert labels[:2] == ["train (label smoothing 0.1)", "val"]
     plain = learning_curves_figure(history, 2).axes[0]
     assert [line.get_label() for line in plain.get_lines()][:2] == ["train", "val"]
+
+
+@pytest.mark.parametrize(
+    ("augment", "text"),
+    [
+        ({}, "off"),
+        ({"data.augment.flip": True}, "shift 0, flip on"),
+        ({"data.augment.shift": 0.1}, "shift 0.1, flip off"),
+        ({"data.augment.erase": 0.5}, "shift 0, flip off, random erasing 0.5"),
+    ],
+)
+def test_report_names_every_augmentation_in_use(augment, text) -> None:
+    assert _augment_text(RunConfig().with_overrides(augment)) == text

@@ -464,9 +464,10 @@ def _pixels_text(info: ModelInfo) -> str:
 
 def _augment_text(config: RunConfig) -> str:
     aug = config.data.augment
-    if not aug.shift and not aug.flip:
+    if not aug.shift and not aug.flip and not aug.erase:
         return "off"
-    return f"shift {aug.shift:g}, flip {'on' if aug.flip else 'off'}"
+    text = f"shift {aug.shift:g}, flip {'on' if aug.flip else 'off'}"
+    return text + (f", random erasing {aug.erase:g}" if aug.erase else "")
 
 
 def _schedule_args(c: _RunContext) -> str:
