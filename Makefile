@@ -9,7 +9,7 @@ EXTRAS := tune,explain,dev
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint install system-deps fashion-mnist bench bench-keras bench-speed bench-levers clean
+.PHONY: demo test lint install system-deps fashion-mnist bench bench-keras bench-speed bench-speed-94 bench-levers clean
 
 install: $(STAMP)
 
@@ -68,6 +68,12 @@ bench-keras: $(STAMP) $(KERAS_STAMP) fashion-mnist
 # The default recipe to 93% on Fashion-MNIST: 3 seeds, training and whole-command wall time.
 bench-speed: $(STAMP) fashion-mnist
 	$(BIN)/python benchmarks/bench_time_to_accuracy.py --seeds 0 1 2
+
+# The wide preset to 94% within 5 minutes: 12 epochs on all 60,000 training images, flips.
+bench-speed-94: $(STAMP) fashion-mnist
+	$(BIN)/python benchmarks/bench_time_to_accuracy.py --seeds 0 1 2 --model wide --epochs 12 \
+		--target 0.94 --budget 300 \
+		--set data.val_split=0 data.augment.flip=true train.tta_flip=true
 
 # Matmul ceiling, training GFLOP/s and eval images/s of every preset.
 bench: $(STAMP)

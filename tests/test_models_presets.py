@@ -49,7 +49,7 @@ def test_basic_output_shapes_equal_keras():
 
 
 def test_registry_lists_every_preset_with_a_description():
-    assert list_presets() == ["basic", "dropout", "fast", "tiny"]
+    assert list_presets() == ["basic", "dropout", "fast", "tiny", "wide"]
     for name in list_presets():
         preset = get_preset(name)
         assert preset.name == name and preset is PRESETS[name]
@@ -59,7 +59,7 @@ def test_registry_lists_every_preset_with_a_description():
 def test_unknown_preset_suggests_the_nearest():
     with pytest.raises(ModelSpecError, match=r"Unknown model preset 'fsat'\. Did you mean 'fast'"):
         get_preset("fsat")
-    with pytest.raises(ModelSpecError, match="basic, dropout, fast, tiny"):
+    with pytest.raises(ModelSpecError, match="basic, dropout, fast, tiny, wide"):
         preset_layers("resnet", 10)
 
 
@@ -77,7 +77,7 @@ def test_every_preset_builds_and_runs(name, input_shape):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_on_8x8_digits_work_or_say_which_fit(name):
     fits = presets_that_fit((1, 8, 8), 10)
-    assert fits == ["dropout", "fast"]
+    assert fits == ["dropout", "fast", "wide"]
     if name in fits:
         model = build_model(preset_layers(name, 10, input_shape=(1, 8, 8)), (1, 8, 8), 10)
         assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
@@ -86,7 +86,7 @@ def test_presets_on_8x8_digits_work_or_say_which_fit(name):
         preset_layers(name, 10, input_shape=(1, 8, 8))
     message = str(caught.value)
     assert f"Preset '{name}' does not fit 8x8x1 images" in message
-    assert "'dropout', 'fast'" in message
+    assert "'dropout', 'fast', 'wide'" in message
 
 
 def test_fast_preset_is_small_and_cheap_on_28x28():
@@ -96,6 +96,23 @@ def test_fast_preset_is_small_and_cheap_on_28x28():
     assert summary.non_trainable_params == 18 * 9 + 2 * (48 + 96 + 96)
     assert 10e6 < summary.flops < 100e6
     assert summary.train_flops < 3 * summary.flops  # nothing to compute back through the first
+
+
+def test_wide_preset_is_fast_with_a_third_more_channels():
+    fast, wide = preset_layers("fast", 10), preset_layers("wide", 10)
+    widths = {48: 64, 96: 128}
+    for fast_layer, wide_layer in zip(fast, wide, strict=True):
+        [(kind, fast_args)] = fast_layer.items()
+        [(wide_kind, wide_args)] = wide_layer.items()
+        assert kind == wide_kind
+        if kind == "Conv2D":
+            filters = fast_args["filters"]
+            assert wide_args == {**fast_args, "filters": widths.get(filters, filters)}
+        else:
+            assert wide_args == fast_args
+    summary = summarize(wide, (1, 28, 28), 10)
+    assert summary.total_params == 234_284
+    assert 1.6 < summary.flops / summarize(fast, (1, 28, 28), 10).flops < 1.8
 
 
 def test_num_classes_must_be_positive():

@@ -366,7 +366,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--splits", metavar="CSV", help="folder data: reuse a run's splits.csv")
     g.add_argument("--limit", type=int, help="use only N training images (quick experiments)")
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model", help="preset (tiny, basic, dropout, fast) or a YAML layer list")
+    g.add_argument("--model", help="preset (tiny, basic, dropout, fast, wide) or a YAML layer list")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", choices=("adam", "adamw", "adamax", "sgd", "rmsprop"))

@@ -97,6 +97,16 @@ def _conv_pool_bn_relu(filters: int) -> list[LayerDict]:
 
 
 def _fast(num_classes: int) -> list[LayerDict]:
+    return _whitened_net(num_classes, 48, 96)
+
+
+def _wide(num_classes: int) -> list[LayerDict]:
+    # fast's design with 1.33x the channels (1.7x the FLOPs): where fast levels off at 93.9% on
+    # Fashion-MNIST after 15 epochs with flips, this reaches 94.2% (README, Performance).
+    return _whitened_net(num_classes, 64, 128)
+
+
+def _whitened_net(num_classes: int, width: int, wide_width: int) -> list[LayerDict]:
     # airbench-style: a frozen patch-whitening first conv, conv-BN-ReLU blocks with the width
     # doubling as the resolution halves, a global max pool and one linear layer.
     # - The first conv's 18 filters whiten 3x3 patches of the training images (cnnlab.models.
@@ -118,9 +128,9 @@ def _fast(num_classes: int) -> list[LayerDict]:
             trainable=False,
         ),
         MaxPool2D((2, 2), padding="same"),
-        *_conv_pool_bn_relu(48),
-        *_conv_bn_relu(96),
-        *_conv_bn_relu(96),
+        *_conv_pool_bn_relu(width),
+        *_conv_bn_relu(wide_width),
+        *_conv_bn_relu(wide_width),
         GlobalMaxPooling2D(),
         Dense(num_classes, activation="softmax"),
     ]
@@ -144,6 +154,11 @@ PRESETS: dict[str, Preset] = {
             "fast",
             "Default: a frozen whitening conv, conv-BN-ReLU blocks (48-96-96), global max pool.",
             _fast,
+        ),
+        Preset(
+            "wide",
+            "fast at 64-128-128 channels: 234,284 params, 1.7x the FLOPs, for longer runs.",
+            _wide,
         ),
     )
 }
