@@ -155,7 +155,7 @@ def test_optimizers_use_fused_kernels_where_torch_has_them(name, fused):
     assert bool(optimizer.defaults.get("fused")) is fused
 
 
-def test_erasing_alone_is_applied_in_training_and_previewed(squares, monkeypatch) -> None:
+def test_erasing_alone_is_applied_in_training(squares, monkeypatch) -> None:
     """Random erasing on its own (no shift, no flip) must still reach the training batches."""
     from cnnlab.data.transforms import Augment
     from cnnlab.training import loop
