@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--model", help="a preset or YAML layer list instead of the default net")
     parser.add_argument("--target", type=float, default=0.93, help="test accuracy to reach")
     parser.add_argument("--budget", type=float, default=90.0, help="training seconds allowed")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     extra = ["--epochs", str(args.epochs)] if args.epochs else []
     if args.model:

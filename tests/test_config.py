@@ -70,3 +70,20 @@ def test_augmentation_flags_reach_the_config() -> None:
     args = build_parser().parse_args(["train", "--augment", "--erase", "0.5"])
     augment = config_from_args(args).data.augment
     assert (augment.shift, augment.flip, augment.erase) == (0.1, True, 0.5)
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_repeated_set_options_all_apply(command: str) -> None:
+    from cnnlab.cli import build_parser, parse_set
+
+    argv = [command, "--set", "train.lr=0.01", "train.epochs=3", "--set", "data.val_split=0"]
+    args = build_parser().parse_args(argv)
+    assert parse_set(args.set) == {"train.lr": 0.01, "train.epochs": 3, "data.val_split": 0}
+
+
+def test_repeated_set_options_reach_the_train_config() -> None:
+    from cnnlab.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--set", "train.lr=0.01", "--set", "seed=7"])
+    config = config_from_args(args)
+    assert (config.train.lr, config.seed) == (0.01, 7)

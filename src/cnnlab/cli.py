@@ -415,6 +415,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--set",
         nargs="+",
+        action="extend",  # --set a=1 --set b=2 applies both
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set train.schedule.min_lr=1e-5",
     )

@@ -63,6 +63,7 @@ def register(command: Any) -> None:
     p.add_argument(
         "--set",
         nargs="+",
+        action="extend",  # --set a=1 --set b=2 applies both
         metavar="KEY=VALUE",
         help="override base config keys, e.g. --set data.limit=6000 train.epochs=5",
     )
