@@ -2,7 +2,8 @@
 
 Runs the plain command `cnnlab train --dataset fashion-mnist` (no model named: the default
 recipe) once per seed and reports test accuracy, training time (the per-epoch `seconds` of
-metrics.csv: optimisation steps only), training time with validation, and the wall time of the
+metrics.csv: optimisation steps only), the time `cnnlab train` reports ("Training took": data
+loading, previews, training, validation and checkpoints), and the wall time of the
 whole command (start-up, data loading, training, test evaluation, report).
 
     .venv/bin/python benchmarks/bench_time_to_accuracy.py              # 3 seeds, the defaults
@@ -25,6 +26,20 @@ from common import cnnlab_command, machine_line, run, spread, table
 
 TEST_LINE = re.compile(r"Test: loss [\d.]+, accuracy ([\d.]+)")
 TOOK_LINE = re.compile(r"Training took ([\d.]+)s")
+
+
+def host_gflops() -> float:
+    """The machine's matrix-multiply rate right now (bf16 where the CPU has AMX, else fp32).
+
+    The cores are shared with other jobs and their speed moves 2x within an hour; this figure,
+    taken before each seed, says which runs met a slow stretch."""
+    import torch
+
+    from cnnlab.benchmark import matmul_ceiling
+    from cnnlab.inference import cpu_has_fast_bf16
+
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return matmul_ceiling(dtype=dtype).gflops
 
 
 def one_run(seed: int, project: Path, extra: list[str]) -> dict[str, float]:
@@ -62,7 +77,7 @@ def one_run(seed: int, project: Path, extra: list[str]) -> dict[str, float]:
         "epoch_seconds_min": epoch_seconds[0],
         "epoch_seconds_median": epoch_seconds[len(epoch_seconds) // 2],
         "epoch_seconds_max": epoch_seconds[-1],
-        "train_val_seconds": float(took.group(1)) if took else float("nan"),
+        "train_run_seconds": float(took.group(1)) if took else float("nan"),
         "wall_seconds": wall,
         "epochs": len(rows),
     }
@@ -87,13 +102,15 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="cnnlab-tta-") as tmp:
         for seed in args.seeds:
+            host = host_gflops()
             r = one_run(seed, Path(tmp), extra)
             results.append(r)
             print(
                 f"seed {seed}: test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs; "
                 f"training {r['train_seconds']:.1f}s (with validation {r['train_val_seconds']:.1f}s), "
                 f"whole command {r['wall_seconds']:.1f}s; epochs {r['epoch_seconds_min']:.1f}-"
-                f"{r['epoch_seconds_max']:.1f}s (median {r['epoch_seconds_median']:.1f}s)",
+                f"{r['epoch_seconds_max']:.1f}s (median {r['epoch_seconds_median']:.1f}s); "
+                f"host matmul {host:,.0f} GFLOP/s before it",
                 flush=True,
             )
     acc = [r["test_accuracy"] for r in results]
@@ -106,8 +123,8 @@ def main() -> None:
                 ["test accuracy", spread(acc)],
                 ["training seconds (steps)", spread(train)],
                 [
-                    "training seconds (with validation)",
-                    spread([r["train_val_seconds"] for r in results]),
+                    '"Training took" seconds (data, validation, checkpoints too)',
+                    spread([r["train_run_seconds"] for r in results]),
                 ],
                 ["whole command seconds", spread([r["wall_seconds"] for r in results])],
             ],
