@@ -417,7 +417,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",  # --set a=1 --set b=2 applies both
         metavar="KEY=VALUE",
-        help="override any config key, e.g. --set train.schedule.min_lr=1e-5",
+        help="override config keys (--set may repeat), e.g. --set train.schedule.min_lr=1e-5",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
