@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +16,18 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Tests never read or write the user's ~/.cache/cnnlab."""
     monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_pyplot_figure_left_open():
+    """Every figure cnnlab draws is closed again (a `cnnlab serve` or a tuning study runs for
+    hours); a test that leaves one open fails here, not in whichever test runs next."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and pyplot.get_fignums():
+        left = pyplot.get_fignums()
+        pyplot.close("all")
+        pytest.fail(f"pyplot figures {left} were left open; close them with plt.close(fig)")
 
 
 def corner_squares(n: int, size: int = 12, seed: int = 0) -> ImageSet:

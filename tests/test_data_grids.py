@@ -30,6 +30,7 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_sample_grid_writes_one_row_per_class(tmp_path: Path, channels: int) -> None:
     images, labels = images_and_labels(c=channels)
+    open_before = plt.get_fignums()
     path = save_sample_grid(
         images, labels, ["a", "b", "c", "never"], tmp_path / "s.png", per_class=4
     )
@@ -37,7 +38,7 @@ def test_sample_grid_writes_one_row_per_class(tmp_path: Path, channels: int) -> 
     width, height = png_size(path)
     assert width > height  # 3 present classes in rows, 4 images per row
     assert [p.name for p in tmp_path.iterdir()] == ["s.png"]  # no temp file left
-    assert plt.get_fignums() == []  # nothing left open in pyplot
+    assert plt.get_fignums() == open_before  # nothing left open in pyplot
 
 
 def test_sample_grid_grows_with_classes_shown(tmp_path: Path) -> None:
@@ -66,6 +67,7 @@ def test_sample_grid_rejects_bad_input(tmp_path: Path) -> None:
 
 def test_augmentation_preview_shows_originals_above_augmented(tmp_path: Path) -> None:
     images, _ = images_and_labels(n=10)
+    open_before = plt.get_fignums()
     path = save_augmentation_preview(
         images, Augment(shift=0.25, flip=True), torch.Generator().manual_seed(0), tmp_path / "a.png"
     )
@@ -74,7 +76,7 @@ def test_augmentation_preview_shows_originals_above_augmented(tmp_path: Path) ->
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 10  # the images were drawn, not a blank canvas
-    assert plt.get_fignums() == []
+    assert plt.get_fignums() == open_before
 
 
 def test_sample_grid_tiles_hold_the_images_pixel_for_pixel(tmp_path: Path) -> None:

@@ -148,17 +148,23 @@ def test_most_confused_pairs_are_off_diagonal_and_largest_first() -> None:
 
 
 def test_learning_curves_name_the_label_smoothing_of_the_training_loss() -> None:
+    import matplotlib.pyplot as plt
+
     from cnnlab.reporting.plots import learning_curves_figure
 
     history = [
         {"epoch": 1, "train_loss": 0.9, "val_loss": 0.5, "train_accuracy": 0.8, "lr": 1e-3},
         {"epoch": 2, "train_loss": 0.7, "val_loss": 0.4, "train_accuracy": 0.9, "lr": 1e-4},
     ]
-    loss_axes = learning_curves_figure(history, 2, label_smoothing=0.1).axes[0]
-    labels = [line.get_label() for line in loss_axes.get_lines()]
-    assert labels[:2] == ["train (label smoothing 0.1)", "val"]
-    plain = learning_curves_figure(history, 2).axes[0]
-    assert [line.get_label() for line in plain.get_lines()][:2] == ["train", "val"]
+    smoothed = learning_curves_figure(history, 2, label_smoothing=0.1)
+    plain = learning_curves_figure(history, 2)
+    try:
+        labels = [line.get_label() for line in smoothed.axes[0].get_lines()]
+        assert labels[:2] == ["train (label smoothing 0.1)", "val"]
+        assert [line.get_label() for line in plain.axes[0].get_lines()][:2] == ["train", "val"]
+    finally:  # pyplot keeps figures open; other tests check that nothing is left behind
+        plt.close(smoothed)
+        plt.close(plain)
 
 
 @pytest.mark.parametrize(
