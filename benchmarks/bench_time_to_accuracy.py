@@ -107,7 +107,7 @@ def main() -> None:
             results.append(r)
             print(
                 f"seed {seed}: test accuracy {r['test_accuracy']:.4f} after {r['epochs']} epochs; "
-                f"training {r['train_seconds']:.1f}s (with validation {r['train_val_seconds']:.1f}s), "
+                f"training {r['train_seconds']:.1f}s ('Training took' {r['train_run_seconds']:.1f}s), "
                 f"whole command {r['wall_seconds']:.1f}s; epochs {r['epoch_seconds_min']:.1f}-"
                 f"{r['epoch_seconds_max']:.1f}s (median {r['epoch_seconds_median']:.1f}s); "
                 f"host matmul {host:,.0f} GFLOP/s before it",

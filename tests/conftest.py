@@ -20,8 +20,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 @pytest.fixture(autouse=True)
 def _no_pyplot_figure_left_open():
-    """Every figure cnnlab draws is closed again (a `cnnlab serve` or a tuning study runs for
-    hours); a test that leaves one open fails here, not in whichever test runs next."""
+    """Every figure cnnlab draws is closed again (a tuning study draws its plots after each
+    trial for hours); a test that leaves one open fails here, not in whichever test runs next."""
     yield
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None and pyplot.get_fignums():
