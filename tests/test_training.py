@@ -161,12 +161,12 @@ def test_erasing_alone_is_applied_in_training(squares, monkeypatch) -> None:
     from cnnlab.training import loop
 
     seen: list[Augment] = []
+    augment_batch = loop.augment_batch
 
     def recording(batch, aug, generator):
         seen.append(aug)
         return augment_batch(batch, aug, generator)
 
-    augment_batch = loop.augment_batch
     monkeypatch.setattr(loop, "augment_batch", recording)
     config = TrainConfig(batch_size=16, lr=3e-3, epochs=1)
     model = build_model(preset_layers("tiny", 4), squares.shape, 4)

@@ -69,7 +69,8 @@ def prepare_data(config: DataConfig, seed: int, *, download: bool = True) -> Pre
     return prepared
 
 
-def _augment(config: DataConfig) -> Augment:
+def augment_of(config: DataConfig) -> Augment:
+    """The batch augmentation a data config asks for."""
     a = config.augment
     return Augment(shift=a.shift, flip=a.flip, erase=a.erase)
 
@@ -107,7 +108,7 @@ def _prepare_registry(config: DataConfig, seed: int, download: bool) -> Prepared
         test=dataset.test,
         mean=None,
         std=None,
-        augment=_augment(config),
+        augment=augment_of(config),
         color_mode="grayscale" if channels == 1 else "rgb",
         resize="stretch",
         split_rows=rows,
@@ -151,7 +152,7 @@ def _prepare_folder(config: DataConfig, seed: int) -> PreparedData:
         test=dataset.test,
         mean=None,
         std=None,
-        augment=_augment(config),
+        augment=augment_of(config),
         color_mode=info.color_mode,
         resize=info.resize,
         split_rows=rows,

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cnnlab import fileio
 from cnnlab.config import RunConfig
-from cnnlab.data.prepare import PreparedData, prepare_data
+from cnnlab.data.prepare import PreparedData, augment_of, prepare_data
 from cnnlab.data.types import ImageSet
 from cnnlab.evaluation import Evaluation, evaluate_model, reliability_bins
 from cnnlab.models import CnnModel, summarize_model
@@ -464,7 +464,7 @@ def _pixels_text(info: ModelInfo) -> str:
 
 def _augment_text(config: RunConfig) -> str:
     aug = config.data.augment
-    if not aug.shift and not aug.flip and not aug.erase:
+    if not augment_of(config.data).enabled:
         return "off"
     text = f"shift {aug.shift:g}, flip {'on' if aug.flip else 'off'}"
     return text + (f", random erasing {aug.erase:g}" if aug.erase else "")
