@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cnnlab.errors import ModelSpecError, did_you_mean, unknown_name
+from cnnlab.models import fused
 
 Shape = tuple[int, ...]  # one image's tensor shape, channels first: (C, H, W) or (features,)
 # The dict form of one layer: {"Conv2D": {"filters": 32, "kernel_size": [3, 3]}}
@@ -850,6 +851,30 @@ def _defer_activations_to_pools(modules: Sequence[nn.Module]) -> None:
             pool.deferred_act = activation_module(conv.activation_name)
 
 
+class LayerStack(nn.Sequential):
+    """nn.Sequential that runs a Conv2D on few channels and the MaxPool2D after it as one fused
+    CPU kernel where it can (cnnlab.models.fused: 2-10x faster than the two modules), and
+    every other layer as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            module, following = modules[i], modules[i + 1] if i + 1 < len(modules) else None
+            if (
+                isinstance(module, KerasConv2D)
+                and isinstance(following, KerasMaxPool2D)
+                and fused.fusable(module, following)
+                and fused.fusable_now(module, following, x)
+            ):
+                x = fused.conv_pool(module, following, x)
+                i += 2
+            else:
+                x = module(x)
+                i += 1
+        return x
+
+
 class CnnModel(nn.Module):
     """A CNN classifier built from a Keras-named layer spec; returns logits.
 
@@ -876,7 +901,7 @@ class CnnModel(nn.Module):
             if module is not None:
                 blocks[name] = module
             in_shape = self.output_shapes[i]
-        self.layers = nn.Sequential(blocks)
+        self.layers = LayerStack(blocks)
         _defer_activations_to_pools(list(blocks.values()))
         frozen = [
             blocks[name]

@@ -1,0 +1,233 @@
+"""Conv2D on few channels + MaxPool2D(2) in one C kernel on the CPU (see cnnlab/native/conv_pool.c).
+
+The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
+convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
+zero-fills full-resolution tensors. `conv_pool` computes the pooled output straight from the
+input and, in training, the weight gradient straight from the pooled gradient. The result is
+the same as the conv and pool modules', with the convolution in fp32 even under bf16 autocast
+(the output is rounded to bf16 for the next layer, as autocast's would be).
+
+CnnModel.forward uses it when `fusable` holds for a Conv2D and the MaxPool2D after it, and
+`fusable_now` for the input: anywhere else, and whenever something watches the layers (hooks,
+an input gradient, tracing, torch.compile), the two modules run as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from cnnlab import native
+
+if TYPE_CHECKING:  # layers.py imports this module
+    from cnnlab.models.layers import KerasConv2D, KerasMaxPool2D
+
+MAX_IN_CHANNELS = 4  # beyond a few input channels oneDNN's convolution is the faster one
+GRAD_CHUNK = 16  # images per partial weight gradient: sums in a fixed order, whatever the threads
+
+
+def _padding(conv: KerasConv2D) -> tuple[int, int]:
+    """(top, left) zero padding of the convolution."""
+    if conv.uneven_pad is not None:
+        left, _, top, _ = conv.uneven_pad
+        return top, left
+    top, left = conv.padding  # type: ignore[misc]
+    return int(top), int(left)
+
+
+def fusable(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
+    """Whether this Conv2D and the MaxPool2D after it fit the fused kernel: stride 1, zero
+    padding, at most MAX_IN_CHANNELS input channels, ReLU or no activation, a 2x2 pool with
+    stride 2 padded (if at all) below and to the right, as TF's 'same' pads."""
+    conv_ok = (
+        conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and conv.in_channels <= MAX_IN_CHANNELS
+        and conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels <= native.MAX_TAPS
+        and conv.activation_name in (None, "relu")
+    )
+    pool_pad = pool.pad or (0, 0, 0, 0)  # (left, right, top, bottom)
+    pool_ok = (
+        tuple(pool.kernel_size) == (2, 2)  # type: ignore[arg-type]
+        and tuple(pool.stride) == (2, 2)  # type: ignore[arg-type]
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and pool_pad[0] == 0
+        and pool_pad[2] == 0
+        and max(pool_pad) <= 1
+    )
+    return conv_ok and pool_ok
+
+
+def _watched(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _globally_watched() -> bool:
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
+    """Whether this call can take the kernel: a float32 CPU input that needs no gradient,
+    float32 weights, nothing hooked, no tracing or compiling, and the kernel built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.shape[0] > 0
+        and not x.requires_grad
+        and conv.weight.dtype == torch.float32
+        and conv.weight.device.type == "cpu"
+        and not (_watched(conv) or _watched(pool) or _watched(conv.act) or _globally_watched())
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and native.library() is not None
+    )
+
+
+def _geometry(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> native.ConvPoolGeometry:
+    _, in_c, in_h, in_w = x.shape
+    kh, kw = conv.kernel_size
+    top, left = _padding(conv)
+    if conv.uneven_pad is not None:
+        pad_h, pad_w = top + conv.uneven_pad[3], left + conv.uneven_pad[1]
+    else:
+        pad_h, pad_w = 2 * top, 2 * left
+    conv_h, conv_w = in_h + pad_h - kh + 1, in_w + pad_w - kw + 1
+    pool_pad = pool.pad or (0, 0, 0, 0)
+    pool_h, pool_w = (conv_h + pool_pad[3]) // 2, (conv_w + pool_pad[1]) // 2
+    return native.ConvPoolGeometry(
+        in_h=in_h,
+        in_w=in_w,
+        in_c=in_c,
+        out_c=conv.out_channels,
+        kh=kh,
+        kw=kw,
+        pad_top=top,
+        pad_left=left,
+        conv_h=conv_h,
+        conv_w=conv_w,
+        pool_h=pool_h,
+        pool_w=pool_w,
+        relu=int(conv.activation_name == "relu"),
+    )
+
+
+def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
+
+
+def _padded(channels: int) -> int:
+    return -(-channels // native.LANES) * native.LANES
+
+
+def _pad_channels(tensor: torch.Tensor) -> torch.Tensor:
+    """Zero-pad the last dimension (output channels) to a multiple of native.LANES; contiguous."""
+    extra = _padded(tensor.shape[-1]) - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, extra)).contiguous()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"cnnlab conv-pool kernel failed with status {status}")
+
+
+class _ConvPool(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        geometry: native.ConvPoolGeometry,
+        out_dtype: torch.dtype,
+        train: bool,
+    ) -> torch.Tensor:
+        lib = native.library()
+        assert lib is not None
+        g = geometry
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last or 1 channel
+        w_hwio = _pad_channels(weight.detach().permute(2, 3, 1, 0))  # (kh, kw, in_c, out_c_pad)
+        b = _pad_channels(bias.detach()) if bias is not None else None
+        batch = x.shape[0]
+        y = torch.empty(
+            (batch, g.out_c, g.pool_h, g.pool_w), dtype=out_dtype, memory_format=torch.channels_last
+        )
+        # The winning window positions, kept for the weight gradient (in training only).
+        argmax = (
+            torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8) if train else None
+        )
+        y_is_bf16 = int(out_dtype == torch.bfloat16)
+        inputs = (_pointer(x_nhwc), _pointer(w_hwio), _pointer(b))
+        outputs = (_pointer(y), y_is_bf16, _pointer(argmax))
+        threads = torch.get_num_threads()
+        _check(lib.conv_pool_forward(ctypes.byref(g), *inputs, batch, *outputs, threads))
+        if train:
+            ctx.save_for_backward(x_nhwc, argmax)
+            ctx.geometry, ctx.weight_shape, ctx.has_bias = g, weight.shape, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        lib = native.library()
+        assert lib is not None
+        x_nhwc, argmax = ctx.saved_tensors
+        g = ctx.geometry
+        if grad_y.dtype not in (torch.float32, torch.bfloat16):
+            grad_y = grad_y.float()
+        grad = grad_y.permute(0, 2, 3, 1).contiguous()  # (B, pool_h, pool_w, out_c)
+        batch = grad.shape[0]
+        chunks = -(-batch // GRAD_CHUNK)
+        out_c_pad = _padded(g.out_c)
+        grad_w = torch.zeros((chunks, g.kh * g.kw * g.in_c * out_c_pad))
+        grad_b = torch.zeros((chunks, out_c_pad))
+        inputs = (_pointer(x_nhwc), _pointer(grad), int(grad.dtype == torch.bfloat16))
+        outputs = (_pointer(grad_w), _pointer(grad_b))
+        threads = torch.get_num_threads()
+        _check(
+            lib.conv_pool_weight_grad(
+                ctypes.byref(g), *inputs, _pointer(argmax), batch, GRAD_CHUNK, *outputs, threads
+            )
+        )
+        out_c, in_c, kh, kw = ctx.weight_shape
+        weight_grad = grad_w.sum(0).view(kh, kw, in_c, out_c_pad)[..., :out_c]
+        weight_grad = weight_grad.permute(3, 2, 0, 1).contiguous()
+        bias_grad = grad_b.sum(0)[:out_c] if ctx.has_bias else None
+        return (
+            None,
+            weight_grad if ctx.needs_input_grad[1] else None,
+            bias_grad if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def conv_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
+    """pool(conv(x)) for a `fusable` pair and a `fusable_now` input, in one kernel. The output
+    is bf16 under CPU bf16 autocast (as the conv's would be), else float32; channels_last."""
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    out_dtype = torch.bfloat16 if bf16 else torch.float32
+    parameters = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
+    train = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
+    geometry = _geometry(conv, pool, x)
+    return _ConvPool.apply(x, conv.weight, conv.bias, geometry, out_dtype, train)

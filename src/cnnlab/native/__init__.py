@@ -1,0 +1,159 @@
+"""C kernels for the CPU, compiled on first use with the system C compiler and loaded with ctypes.
+
+No build step at install time and no torch headers: `conv_pool.c` is plain C11, compiled in
+about a second with `-O3 -march=native -fopenmp` into a cache folder and reused while its
+source, the compiler and the CPU stay the same. OpenMP makes it share PyTorch's libgomp and
+its threads; a compiler without OpenMP gets a single-threaded build. Every caller keeps a
+PyTorch fallback, taken when `library()` returns None: no C compiler (set `CC` to pick one),
+a failed build, or `CNNLAB_NATIVE=0` in the environment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("conv_pool.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC")
+OPENMP = "-fopenmp"
+BUILD_TIMEOUT_S = 120
+_build_lock = threading.Lock()
+
+
+class ConvPoolGeometry(ctypes.Structure):
+    """Mirror of `Geometry` in conv_pool.c."""
+
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "in_h",
+            "in_w",
+            "in_c",
+            "out_c",
+            "kh",
+            "kw",
+            "pad_top",
+            "pad_left",
+            "conv_h",
+            "conv_w",
+            "pool_h",
+            "pool_w",
+            "relu",
+        )
+    ]
+
+
+LANES = 16  # LANES in conv_pool.c: weights and gradients have out_c rounded up to a multiple
+MAX_TAPS = 128  # MAX_TAPS in conv_pool.c: kh * kw * in_c at most
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $CNNLAB_CACHE_DIR, else $XDG_CACHE_HOME/cnnlab, else
+    ~/.cache/cnnlab; a `native` folder inside."""
+    root = os.environ.get("CNNLAB_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    base = Path(root) if root else Path.home() / ".cache"
+    if not os.environ.get("CNNLAB_CACHE_DIR"):
+        base = base / "cnnlab"
+    return base / "native"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags: -march=native code must not run on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next(
+        (path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None
+    )
+
+
+def _compile(compiler: str, flags: list[str], output: str) -> None:
+    subprocess.run(
+        [compiler, *flags, "-o", output, str(SOURCE)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into target atomically (concurrent builders each write a temporary file
+    and the last rename wins, so a reader never sees a half-written library); with OpenMP
+    where the compiler has it, else single-threaded."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            _compile(compiler, [*FLAGS, OPENMP], tmp)
+        except subprocess.CalledProcessError:
+            log.info("%s has no OpenMP: building cnnlab's C kernels single-threaded", compiler)
+            _compile(compiler, list(FLAGS), tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # a CDLL releases the GIL during each call
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    geometry = ctypes.POINTER(ConvPoolGeometry)
+    # (geometry, x, w, bias, batch, y, y_is_bf16, argmax, threads)
+    lib.conv_pool_forward.argtypes = [geometry, pointer, pointer, pointer, i64, pointer, i32]
+    lib.conv_pool_forward.argtypes += [pointer, i32]
+    lib.conv_pool_forward.restype = ctypes.c_int
+    # (geometry, x, grad, grad_is_bf16, argmax, batch, chunk, grad_w, grad_b, threads)
+    lib.conv_pool_weight_grad.argtypes = [geometry, pointer, pointer, i32, pointer, i64, i64]
+    lib.conv_pool_weight_grad.argtypes += [pointer, pointer, i32]
+    lib.conv_pool_weight_grad.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on the first call; None where they cannot be had."""
+    if os.environ.get("CNNLAB_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found (set CC): using PyTorch for the fused conv-pool block")
+        return None
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join([*FLAGS, OPENMP]).encode()):
+        key.update(part)
+    key.update(_cpu_signature().encode())
+    target = cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    with _build_lock:
+        try:
+            if not target.exists():
+                _build(compiler, target)
+            return _load(target)
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            log.warning(
+                "could not build cnnlab's C kernels with %s (%s); using PyTorch instead "
+                "(slower first conv-pool blocks). Set CNNLAB_NATIVE=0 to skip the attempt.",
+                compiler,
+                detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__,
+            )
+            return None

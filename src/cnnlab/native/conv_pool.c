@@ -1,0 +1,345 @@
+/* A convolution with few input channels fused with the 2x2 max pool after it, on the CPU.
+ *
+ * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
+ * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
+ * 10 GFLOP/s, writes a full-resolution output, max_pool2d reads it back with indices, and its
+ * backward zero-fills and scatters a full-resolution gradient. These kernels compute each
+ * pooled output from the input directly (the convolution at the four window positions, the
+ * maximum, the activation) and the weight gradient straight from the pooled gradient.
+ *
+ * Layouts (all contiguous):
+ *   x       input, float32 [batch][in_h][in_w][in_c] (NHWC: channels_last)
+ *   w       weights, float32 [kh][kw][in_c][out_c_pad], out_c_pad = out_c rounded up to a
+ *           multiple of LANES, the extra channels zero
+ *   bias    float32 [out_c_pad], or NULL
+ *   y       output [batch][pool_h][pool_w][out_c], float32 or bfloat16 (uint16 bits)
+ *   argmax  uint8 [batch][pool_h][pool_w][out_c]: the window position (0-3, row-major) that
+ *           won the max, or NO_GRADIENT where the ReLU after the pool zeroed the output
+ *   grad    float32 or bfloat16, laid out as y
+ *   grad_w  float32 [chunks][kh][kw][in_c][out_c_pad], grad_b float32 [chunks][out_c_pad]
+ *
+ * The convolution has stride 1 and zero padding (pad_top, pad_left; the bottom and right
+ * padding follow from conv_h and conv_w). Pool window (i, j) covers conv rows 2i, 2i+1 and
+ * columns 2j, 2j+1, clipped to the conv output (TF 'same' pooling pads only below and to the
+ * right, with -inf). Ties and NaN follow torch.max_pool2d: the first maximum wins, NaN wins.
+ *
+ * Each image is first copied into a zero-padded buffer, so every window position's patch is
+ * kh rows of kw * in_c contiguous values. Output channels go through in blocks of LANES, two
+ * blocks at a time: per tap, two weight loads and eight fused multiply-adds against the four
+ * positions' input values, all accumulators in vector registers. GCC's and Clang's vector
+ * extensions keep that explicit and portable.
+ *
+ * Threads come from OpenMP: built with -fopenmp, this library shares the libgomp.so.1 that
+ * PyTorch has loaded, so its parallel loops run on PyTorch's own threads instead of fighting
+ * them for the cores. Nothing here keeps state. Built by cnnlab.native with the system C
+ * compiler (-O3 -march=native).
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LANES 16
+#define MAX_TAPS 128
+#define NO_GRADIENT 255
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+
+typedef struct {
+    int32_t in_h, in_w, in_c;
+    int32_t out_c, kh, kw, pad_top, pad_left;
+    int32_t conv_h, conv_w;
+    int32_t pool_h, pool_w;
+    int32_t relu; /* 1: ReLU after the pool (it commutes with max), 0: no activation */
+} Geometry;
+
+INLINE vf load(const float *p) { return *(const vf_unaligned *)p; }
+INLINE void store(float *p, vf v) { *(vf_unaligned *)p = v; }
+INLINE vf select_f(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
+INLINE vi select_i(vi mask, vi yes, vi no) { return (mask & yes) | (~mask & no); }
+INLINE int padded(int out_c) { return (out_c + LANES - 1) / LANES * LANES; }
+INLINE int padded_rows(const Geometry *g) {
+    return (g->conv_h > 2 * g->pool_h ? g->conv_h : 2 * g->pool_h) + g->kh - 1;
+}
+INLINE int padded_cols(const Geometry *g) {
+    return (g->conv_w > 2 * g->pool_w ? g->conv_w : 2 * g->pool_w) + g->kw - 1;
+}
+
+/* float32 -> bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN. */
+INLINE vi to_bf16(vf value) {
+    const vi bits = (vi)value;
+    const vi rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    return select_i(value != value, (bits >> 16) | 0x40, rounded) & 0xffff;
+}
+
+/* Image xb, zero-padded into buf so that every window position's patch lies inside it:
+ * rows [-pad_top, padded_rows - pad_top) and the same for columns, in_c values each.
+ * Returns the padded row length in floats. */
+static int64_t pad_image(const Geometry *g, const float *xb, float *buf) {
+    const int rows = padded_rows(g), cols = padded_cols(g), in_c = g->in_c;
+    const int64_t row = (int64_t)cols * in_c;
+    memset(buf, 0, sizeof(float) * (size_t)(rows * row));
+    for (int y = 0; y < g->in_h && y + g->pad_top < rows; y++) {
+        const int n = g->in_w + g->pad_left < cols ? g->in_w : cols - g->pad_left;
+        memcpy(buf + (y + g->pad_top) * row + (int64_t)g->pad_left * in_c,
+               xb + (int64_t)y * g->in_w * in_c, sizeof(float) * (size_t)(n * in_c));
+    }
+    return row;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Forward                                                                                   */
+
+/* The conv outputs at the four positions of the window whose top-left input is `corner`, for
+ * BLOCKS blocks of LANES channels from w (already offset to the first channel). */
+INLINE void window(const int kh, const int kw, const int in_c, const float *corner, int64_t row,
+                   const float *w, const float *bias, int out_c_pad, const int blocks,
+                   vf acc[2][4]) {
+    const int row_taps = kw * in_c;
+    for (int q = 0; q < blocks; q++) {
+        const vf start = bias ? load(bias + q * LANES) : (vf){0};
+        for (int p = 0; p < 4; p++) acc[q][p] = start;
+    }
+    for (int ky = 0; ky < kh; ky++) {
+        const float *top = corner + ky * row, *bottom = top + row;
+        const float *wk = w + (int64_t)ky * row_taps * out_c_pad;
+        for (int k = 0; k < row_taps; k++, wk += out_c_pad) {
+            const float x0 = top[k], x1 = top[k + in_c], x2 = bottom[k], x3 = bottom[k + in_c];
+            for (int q = 0; q < blocks; q++) {
+                const vf weight = load(wk + q * LANES);
+                acc[q][0] += x0 * weight;
+                acc[q][1] += x1 * weight;
+                acc[q][2] += x2 * weight;
+                acc[q][3] += x3 * weight;
+            }
+        }
+    }
+}
+
+/* Max over the valid window positions, the activation, and the stores of one block; the
+ * winning positions only where argmax is wanted (`track`, a constant once inlined). */
+INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int lanes,
+                   void *y, int64_t at, int y_is_bf16, uint8_t *argmax, const int track) {
+    vf best = acc[0]; /* position 0 is always inside the conv output */
+    vi arg = (vi){0};
+    for (int p = 1; p < 4; p++) {
+        if (!valid[p]) continue;
+        const vi wins = (acc[p] > best) | (acc[p] != acc[p]);
+        best = select_f(wins, acc[p], best);
+        if (track) arg = select_i(wins, (vi){0} + p, arg);
+    }
+    if (g->relu) { /* NaN stays NaN and keeps its gradient */
+        const vi dead = best <= (vf){0};
+        best = select_f(dead, (vf){0}, best);
+        if (track) arg = select_i(dead, (vi){0} + NO_GRADIENT, arg);
+    }
+    if (y_is_bf16) {
+        const vi half = to_bf16(best);
+        uint16_t *out = (uint16_t *)y + at;
+        if (lanes == LANES)
+            for (int c = 0; c < LANES; c++) out[c] = (uint16_t)half[c];
+        else
+            for (int c = 0; c < lanes; c++) out[c] = (uint16_t)half[c];
+    } else if (lanes == LANES) {
+        store((float *)y + at, best);
+    } else {
+        for (int c = 0; c < lanes; c++) ((float *)y)[at + c] = best[c];
+    }
+    if (track) {
+        if (lanes == LANES)
+            for (int c = 0; c < LANES; c++) argmax[at + c] = (uint8_t)arg[c];
+        else
+            for (int c = 0; c < lanes; c++) argmax[at + c] = (uint8_t)arg[c];
+    }
+}
+
+/* Images [b0, b1) of the batch; kh, kw and in_c are g's, passed apart so that callers can
+ * make them constants the compiler unrolls (see SHAPED). */
+INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
+                          const float *x, const float *w, const float *bias, int64_t b0,
+                          int64_t b1, void *y, int y_is_bf16, uint8_t *argmax) {
+    const int out_c = g->out_c, out_c_pad = padded(out_c);
+    const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
+    const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    float *buf = malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
+                        (size_t)g->in_c);
+    if (!buf) return -2;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t row = pad_image(g, x + b * image, buf);
+        for (int i = 0; i < g->pool_h; i++) {
+            const int valid_row = 2 * i + 1 < g->conv_h;
+            for (int j = 0; j < g->pool_w; j++) {
+                const int valid_col = 2 * j + 1 < g->conv_w;
+                const int valid[4] = {1, valid_col, valid_row, valid_row && valid_col};
+                const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
+                const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                for (int c0 = 0; c0 < out_c_pad; c0 += 2 * LANES) {
+                    vf acc[2][4];
+                    const float *bias_c = bias ? bias + c0 : NULL;
+                    const int pair = c0 + LANES < out_c_pad;
+                    if (pair)
+                        window(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 2, acc);
+                    else
+                        window(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 1, acc);
+                    for (int q = 0; q <= pair; q++) {
+                        const int c = c0 + q * LANES;
+                        const int lanes = out_c - c < LANES ? out_c - c : LANES;
+                        if (argmax)
+                            finish(g, acc[q], valid, lanes, y, at + c, y_is_bf16, argmax, 1);
+                        else
+                            finish(g, acc[q], valid, lanes, y, at + c, y_is_bf16, NULL, 0);
+                    }
+                }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* The kernel shapes of the usual first layers (3x3 and 4x4 on grey images, 3x3 on colour)
+ * run fully unrolled; any other shape takes the general loops. */
+#define SHAPED(call, g, ...)                                                                  \
+    ((g)->kh == 3 && (g)->kw == 3 && (g)->in_c == 1   ? call(g, 3, 3, 1, __VA_ARGS__)         \
+     : (g)->kh == 4 && (g)->kw == 4 && (g)->in_c == 1 ? call(g, 4, 4, 1, __VA_ARGS__)         \
+     : (g)->kh == 3 && (g)->kw == 3 && (g)->in_c == 3 ? call(g, 3, 3, 3, __VA_ARGS__)         \
+                                                      : call(g, (g)->kh, (g)->kw, (g)->in_c, __VA_ARGS__))
+
+static int forward_images(const Geometry *g, const float *x, const float *w, const float *bias,
+                          int64_t b0, int64_t b1, void *y, int y_is_bf16, uint8_t *argmax) {
+    return SHAPED(forward_shaped, g, x, w, bias, b0, b1, y, y_is_bf16, argmax);
+}
+
+/* pool(act(conv(x))) for the whole batch, images split over `threads` OpenMP threads. */
+int conv_pool_forward(const Geometry *g, const float *x, const float *w, const float *bias,
+                      int64_t batch, void *y, int32_t y_is_bf16, uint8_t *argmax,
+                      int32_t threads) {
+    if (g->kh * g->kw * g->in_c > MAX_TAPS) return -1;
+    if (threads <= 1) return forward_images(g, x, w, bias, 0, batch, y, y_is_bf16, argmax);
+    int status = 0;
+#pragma omp parallel num_threads(threads) reduction(min : status)
+    {
+        int64_t b0 = 0, b1 = batch;
+#ifdef _OPENMP
+        const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+        b0 = batch * t / n;
+        b1 = batch * (t + 1) / n;
+#endif
+        status = forward_images(g, x, w, bias, b0, b1, y, y_is_bf16, argmax);
+    }
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Weight gradient                                                                           */
+
+/* One block's pooled gradient, split by the window position it flows back to. */
+INLINE void route(const void *grad, int grad_is_bf16, const uint8_t *argmax, int64_t at,
+                  int lanes, vf routed[4], vf *live) {
+    uint32_t bits[LANES] = {0};
+    int32_t positions[LANES];
+    for (int c = 0; c < LANES; c++) positions[c] = NO_GRADIENT;
+    for (int c = 0; c < lanes; c++) {
+        if (grad_is_bf16)
+            bits[c] = (uint32_t)((const uint16_t *)grad)[at + c] << 16;
+        else
+            memcpy(&bits[c], (const float *)grad + at + c, sizeof(float));
+        positions[c] = argmax[at + c];
+    }
+    vf gradient;
+    vi arg;
+    memcpy(&gradient, bits, sizeof gradient);
+    memcpy(&arg, positions, sizeof arg);
+    for (int p = 0; p < 4; p++) routed[p] = select_f(arg == p, gradient, (vf){0});
+    *live = select_f(arg != NO_GRADIENT, gradient, (vf){0});
+}
+
+/* grad_w += the four positions' input values times their routed gradients, BLOCKS blocks. */
+INLINE void accumulate(const int kh, const int kw, const int in_c, const float *corner,
+                       int64_t row, float *grad_w, int out_c_pad, const int blocks,
+                       const vf routed[2][4]) {
+    const int row_taps = kw * in_c;
+    for (int ky = 0; ky < kh; ky++) {
+        const float *top = corner + ky * row, *bottom = top + row;
+        float *dw = grad_w + (int64_t)ky * row_taps * out_c_pad;
+        for (int k = 0; k < row_taps; k++, dw += out_c_pad) {
+            const float x0 = top[k], x1 = top[k + in_c], x2 = bottom[k], x3 = bottom[k + in_c];
+            for (int q = 0; q < blocks; q++) {
+                const vf *r = routed[q];
+                store(dw + q * LANES,
+                      load(dw + q * LANES) + x0 * r[0] + x1 * r[1] + x2 * r[2] + x3 * r[3]);
+            }
+        }
+    }
+}
+
+/* Images [b0, b1), accumulated into grad_w and grad_b (NULL: no bias); see forward_shaped. */
+INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
+                              const float *x, const void *grad, int grad_is_bf16,
+                              const uint8_t *argmax, int64_t b0, int64_t b1, float *grad_w,
+                              float *grad_b) {
+    const int out_c = g->out_c, out_c_pad = padded(out_c);
+    const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
+    const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    float *buf = malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
+                        (size_t)g->in_c);
+    if (!buf) return -2;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t row = pad_image(g, x + b * image, buf);
+        for (int i = 0; i < g->pool_h; i++) {
+            for (int j = 0; j < g->pool_w; j++) {
+                const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
+                const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                for (int c0 = 0; c0 < out_c_pad; c0 += 2 * LANES) {
+                    const int pair = c0 + LANES < out_c_pad;
+                    vf routed[2][4], live;
+                    for (int q = 0; q <= pair; q++) {
+                        const int c = c0 + q * LANES;
+                        const int lanes = out_c - c < LANES ? out_c - c : LANES;
+                        route(grad, grad_is_bf16, argmax, at + c, lanes, routed[q], &live);
+                        if (grad_b) store(grad_b + c, load(grad_b + c) + live);
+                    }
+                    if (pair)
+                        accumulate(kh, kw, in_c, corner, row, grad_w + c0, out_c_pad, 2, routed);
+                    else
+                        accumulate(kh, kw, in_c, corner, row, grad_w + c0, out_c_pad, 1, routed);
+                }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+static int weight_grad_images(const Geometry *g, const float *x, const void *grad,
+                              int grad_is_bf16, const uint8_t *argmax, int64_t b0, int64_t b1,
+                              float *grad_w, float *grad_b) {
+    return SHAPED(weight_grad_shaped, g, x, grad, grad_is_bf16, argmax, b0, b1, grad_w, grad_b);
+}
+
+/* The weight and bias gradients of each chunk of `chunk` images, chunk k into grad_w[k] and
+ * grad_b[k] (zeroed by the caller; grad_b may be NULL): the caller sums them in a fixed
+ * order, so the result does not depend on the number of threads. */
+int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
+                          int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch,
+                          int64_t chunk, float *grad_w, float *grad_b, int32_t threads) {
+    if (g->kh * g->kw * g->in_c > MAX_TAPS || chunk < 1) return -1;
+    const int64_t chunks = (batch + chunk - 1) / chunk;
+    const int64_t w_size = (int64_t)g->kh * g->kw * g->in_c * padded(g->out_c);
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
+    for (int64_t k = 0; k < chunks; k++) {
+        const int64_t end = (k + 1) * chunk < batch ? (k + 1) * chunk : batch;
+        const int done =
+            weight_grad_images(g, x, grad, grad_is_bf16, argmax, k * chunk, end,
+                               grad_w + k * w_size, grad_b ? grad_b + k * padded(g->out_c) : NULL);
+        status = done < status ? done : status;
+    }
+    return status;
+}

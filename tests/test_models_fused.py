@@ -1,0 +1,274 @@
+"""The fused conv-pool kernel gives what the Conv2D and MaxPool2D modules give: outputs, weight
+and bias gradients, in fp32 and under bf16 autocast, for any geometry it accepts; and every
+case it does not accept runs the modules."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cnnlab import native
+from cnnlab.models import build_model, fused, preset_layers
+from cnnlab.models.layers import CnnModel
+
+
+@pytest.fixture
+def kernels():
+    """The compiled kernels (built into the test's cache folder); skips where none can be built."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the kernels cannot be built")
+
+
+@pytest.fixture
+def torch_only(monkeypatch: pytest.MonkeyPatch):
+    """Run the block without the kernel (the PyTorch modules), restoring the cache afterwards."""
+    monkeypatch.setenv("CNNLAB_NATIVE", "0")
+    native.library.cache_clear()
+    yield
+    monkeypatch.delenv("CNNLAB_NATIVE")
+    native.library.cache_clear()
+
+
+def block_model(
+    in_shape: tuple[int, int, int],
+    filters: int,
+    kernel: tuple[int, int],
+    padding: str,
+    pool_padding: str,
+    activation: str | None,
+    use_bias: bool,
+) -> CnnModel:
+    layers = [
+        {
+            "Conv2D": {
+                "filters": filters,
+                "kernel_size": list(kernel),
+                "padding": padding,
+                "activation": activation,
+                "use_bias": use_bias,
+            }
+        },
+        {"MaxPool2D": {"pool_size": 2, "padding": pool_padding}},
+        {"Flatten": {}},
+        {"Dense": {"units": 3}},
+    ]
+    return build_model(layers, in_shape, 3)
+
+
+def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False):
+    """Logits and parameter gradients of one training pass, with or without the kernel."""
+    model = copy.deepcopy(model)
+    conv, pool = model.layers[0], model.layers[1]
+    calls = []
+    original = fused.conv_pool
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    fused_ok = fused.fusable_now
+    fused.conv_pool = counting
+    fused.fusable_now = (lambda *a: fused_ok(*a)) if use_kernel else (lambda *a: False)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
+    finally:
+        fused.conv_pool, fused.fusable_now = original, fused_ok
+    assert len(calls) == (1 if use_kernel else 0), "the kernel ran where it should not, or not"
+    assert fused.fusable(conv, pool)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return logits.detach().float(), grads
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    in_c=st.integers(1, 4),
+    height=st.integers(3, 13),
+    width=st.integers(3, 13),
+    filters=st.integers(1, 40),
+    kh=st.integers(1, 5),
+    kw=st.integers(1, 5),
+    padding=st.sampled_from(["valid", "same"]),
+    pool_padding=st.sampled_from(["valid", "same"]),
+    activation=st.sampled_from([None, "relu"]),
+    use_bias=st.booleans(),
+    batch=st.integers(1, 37),
+)
+def test_kernel_matches_the_modules_in_fp32(
+    kernels,
+    in_c,
+    height,
+    width,
+    filters,
+    kh,
+    kw,
+    padding,
+    pool_padding,
+    activation,
+    use_bias,
+    batch,
+):
+    if padding == "valid" and (kh > height or kw > width):
+        return  # no conv output
+    conv_h = height if padding == "same" else height - kh + 1
+    conv_w = width if padding == "same" else width - kw + 1
+    if pool_padding == "valid" and (conv_h < 2 or conv_w < 2):
+        return  # no pool output
+    torch.manual_seed(height * 100 + width)
+    model = block_model((in_c, height, width), filters, (kh, kw), padding, pool_padding, activation, use_bias)  # fmt: skip
+    x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
+    logits, grads = run(model, x, use_kernel=True)
+    want_logits, want_grads = run(model, x, use_kernel=False)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "basic", "dropout", "fast"])
+def test_kernel_matches_the_modules_under_bf16_autocast(kernels, preset):
+    """The kernel convolves in fp32 and rounds once to bf16; autocast's conv rounds its inputs
+    first. Close, not equal: within bf16's precision."""
+    torch.manual_seed(0)
+    model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
+    x = torch.randn(16, 1, 28, 28)
+    conv, pool = model.layers[0], model.layers[1]
+    assert fused.fusable(conv, pool)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused.conv_pool(conv, pool, x)
+        conv.defer_activation = False
+        want = pool(conv(x))
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_training_gradients_are_as_close_to_fp32_as_autocasts(kernels):
+    """Under bf16 autocast the gradient reaching the first block is rounded by the layers after
+    it either way; the kernel's weight gradient is no further from the fp32 one than the
+    modules' (it convolves in fp32, they in bf16)."""
+    torch.manual_seed(1)
+    model = build_model(preset_layers("basic", 10, (1, 28, 28)), (1, 28, 28), 10)
+    x = torch.randn(24, 1, 28, 28)
+    _, fp32 = run(model, x, use_kernel=False)
+    _, kernel = run(model, x, use_kernel=True, bf16=True)
+    _, modules = run(model, x, use_kernel=False, bf16=True)
+    for name in ("layers.conv2d.weight", "layers.conv2d.bias"):
+        error = ((kernel[name] - fp32[name]).norm() / fp32[name].norm()).item()
+        modules_error = ((modules[name] - fp32[name]).norm() / fp32[name].norm()).item()
+        assert error < 0.15 and error <= modules_error * 1.2, (name, error, modules_error)
+
+
+def test_nan_and_ties_follow_max_pool(kernels):
+    """NaN wins a window, as in torch.max_pool2d; a tie sends the gradient to the first max."""
+    model = block_model((1, 4, 4), 2, (1, 1), "valid", "valid", None, False)
+    with torch.no_grad():
+        model.layers[0].weight.fill_(1.0)
+    x = torch.tensor([[1.0, 1.0, 0.0, 2.0], [1.0, 1.0, float("nan"), 0.0]] * 2).view(1, 1, 4, 4)
+    logits, grads = run(model, x, use_kernel=True)
+    want_logits, want_grads = run(model, x, use_kernel=False)
+    assert torch.isnan(logits).all() and torch.isnan(want_logits).all()
+    x[0, 0, 1::2, 2] = 0.0  # no NaN left; windows (0, 0) and (1, 0) are four-way ties
+    _, grads = run(model, x, use_kernel=True)
+    _, want_grads = run(model, x, use_kernel=False)
+    torch.testing.assert_close(grads["layers.conv2d.weight"], want_grads["layers.conv2d.weight"])
+
+
+def test_weight_gradient_does_not_depend_on_threads(kernels):
+    torch.manual_seed(2)
+    model = build_model(preset_layers("basic", 10, (1, 28, 28)), (1, 28, 28), 10)
+    x = torch.randn(70, 1, 28, 28)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = run(model, x, use_kernel=True)
+        torch.set_num_threads(2)
+        _, two = run(model, x, use_kernel=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one["layers.conv2d.weight"], two["layers.conv2d.weight"])
+
+
+def test_the_modules_run_when_something_watches_them(kernels):
+    """Hooks (Grad-CAM, summaries), an input gradient (saliency) or a non-float32 input keep
+    the two modules, so everything that inspects them sees them run."""
+    model = build_model(preset_layers("tiny", 10, (1, 28, 28)), (1, 28, 28), 10)
+    conv, pool = model.layers[0], model.layers[1]
+    x = torch.randn(2, 1, 28, 28)
+    assert fused.fusable_now(conv, pool, x)
+    seen = []
+    handle = conv.register_forward_hook(lambda *args: seen.append("conv"))
+    model(x)
+    handle.remove()
+    assert seen == ["conv"]
+    assert not fused.fusable_now(conv, pool, x.requires_grad_())
+    assert not fused.fusable_now(conv, pool, x.detach().double())
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not fused.fusable_now(conv, pool, x.detach())
+    finally:
+        handle.remove()
+
+
+def test_blocks_the_kernel_does_not_fit_are_not_fused():
+    def first_pair(layers, shape=(1, 12, 12)):
+        model = build_model([*layers, {"Flatten": {}}, {"Dense": {"units": 2}}], shape, 2)
+        return model.layers[0], model.layers[1]
+
+    conv = {"Conv2D": {"filters": 4, "kernel_size": 3}}
+    pool = {"MaxPool2D": {"pool_size": 2}}
+    assert fused.fusable(*first_pair([conv, pool]))
+    strided = {"Conv2D": {"filters": 4, "kernel_size": 3, "strides": 2}}
+    assert not fused.fusable(*first_pair([strided, pool]))
+    gelu = {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "gelu"}}
+    assert not fused.fusable(*first_pair([gelu, pool]))
+    assert not fused.fusable(*first_pair([conv, {"MaxPool2D": {"pool_size": 3}}]))
+    assert not fused.fusable(*first_pair([conv, {"MaxPool2D": {"pool_size": 2, "strides": 1}}]))
+    assert not fused.fusable(*first_pair([conv, pool], shape=(8, 12, 12)))  # many channels
+
+
+def test_without_the_kernel_the_modules_give_the_same_training(torch_only, squares):
+    """CNNLAB_NATIVE=0 (or no compiler): the model still trains, on the PyTorch modules."""
+    assert native.library() is None
+    model = build_model(preset_layers("tiny", 4, (1, 12, 12)), (1, 12, 12), 4)
+    logits = model(squares.images[:8].float() / 255)
+    F.cross_entropy(logits, squares.labels[:8]).backward()
+    assert model.layers[0].weight.grad is not None
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cnnlab.native"):
+            assert native.library() is None
+        assert "could not build cnnlab's C kernels with false" in caplog.text
+        assert "CNNLAB_NATIVE=0" in caplog.text
+        assert not list(tmp_path.rglob("*.so")), "no half-built library is left behind"
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_build_is_cached_by_source_compiler_and_cpu(kernels, monkeypatch, tmp_path):
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list((tmp_path / "native").glob("conv_pool-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp, "a second process reuses the build"
+        assert not list(tmp_path.rglob("*.tmp"))
+    finally:
+        native.library.cache_clear()
