@@ -263,7 +263,7 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(kernels, monkeypatch, tm
     native.library.cache_clear()
     try:
         assert native.library() is not None
-        built = list((tmp_path / "native").glob("conv_pool-*.so"))
+        built = list((tmp_path / "native").glob("kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.library.cache_clear()
@@ -272,3 +272,59 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(kernels, monkeypatch, tm
         assert not list(tmp_path.rglob("*.tmp"))
     finally:
         native.library.cache_clear()
+
+
+def pool_layer(pool_padding: str, in_shape: tuple[int, int, int]):
+    layers = [{"MaxPool2D": {"pool_size": 2, "padding": pool_padding}}, {"Flatten": {}}]
+    return build_model([*layers, {"Dense": {"units": 2}}], in_shape, 2).layers[0]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    channels=st.integers(1, 40),
+    height=st.integers(2, 11),
+    width=st.integers(2, 11),
+    batch=st.integers(1, 9),
+    pool_padding=st.sampled_from(["valid", "same"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_max_pool_kernel_matches_max_pool2d(
+    kernels, channels, height, width, batch, pool_padding, dtype
+):
+    pool = pool_layer(pool_padding, (channels, height, width))
+    torch.manual_seed(channels * 100 + height)
+    # Few distinct values, so that windows have ties.
+    x = torch.randint(-3, 4, (batch, channels, height, width)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    outputs, grads = [], []
+    for use_kernel in (True, False):
+        leaf = x.clone().requires_grad_()
+        fits = fused.pool_fits
+        fused.pool_fits = fits if use_kernel else (lambda *a: False)
+        try:
+            assert fits(pool, leaf)
+            y = pool(leaf)
+        finally:
+            fused.pool_fits = fits
+        weights = torch.arange(y.numel(), dtype=torch.float32).view(y.shape) % 7
+        (y.float() * weights).sum().backward()
+        outputs.append(y.detach())
+        grads.append(leaf.grad)
+    assert outputs[0].dtype == dtype and grads[0].dtype == dtype
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0], grads[1]), "the gradient goes to the same (first) maximum"
+
+
+def test_max_pool_kernel_passes_nan_and_skips_other_layouts(kernels):
+    pool = pool_layer("valid", (3, 4, 4))
+    x = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 3] = float("nan")
+    leaf = x.clone().requires_grad_()
+    assert fused.pool_fits(pool, leaf)
+    y = pool(leaf)
+    assert torch.isnan(y[1, 2, 1, 1]) and torch.isnan(y).sum() == 1
+    assert torch.isnan(F.max_pool2d(x, 2)[1, 2, 1, 1])
+    assert not fused.pool_fits(pool, x.contiguous().requires_grad_())  # NCHW: max_pool2d runs
+    assert not fused.pool_fits(pool, x.double().contiguous(memory_format=torch.channels_last))

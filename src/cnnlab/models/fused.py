@@ -1,4 +1,5 @@
-"""Conv2D on few channels + MaxPool2D(2) in one C kernel on the CPU (see cnnlab/native/conv_pool.c).
+"""Pooling blocks in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2)
+in one kernel, and MaxPool2D(2) alone in training.
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
@@ -231,3 +232,81 @@ def conv_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch
     train = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
     geometry = _geometry(conv, pool, x)
     return _ConvPool.apply(x, conv.weight, conv.bias, geometry, out_dtype, train)
+
+
+def pool_fits(pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
+    """Whether `max_pool` can pool x for this layer: a 2x2 pool with stride 2, padded (if at
+    all) below and to the right, on a channels_last float32 or bf16 CPU tensor, outside
+    tracing and compiling, with the kernels built."""
+    pad = pool.pad or (0, 0, 0, 0)
+    return (
+        tuple(pool.kernel_size) == (2, 2)  # type: ignore[arg-type]
+        and tuple(pool.stride) == (2, 2)  # type: ignore[arg-type]
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and pad[0] == 0
+        and pad[2] == 0
+        and max(pad) <= 1
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[0] * x.shape[1] > 0
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and native.library() is not None
+    )
+
+
+class _MaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pool_h: int, pool_w: int) -> torch.Tensor:  # type: ignore[override]
+        lib = native.library()
+        assert lib is not None
+        batch, channels, height, width = x.shape
+        y = torch.empty(
+            (batch, channels, pool_h, pool_w), dtype=x.dtype, memory_format=torch.channels_last
+        )
+        argmax = torch.empty((batch, pool_h, pool_w, channels), dtype=torch.uint8)
+        is_bf16 = int(x.dtype == torch.bfloat16)
+        shape = (batch, height, width, channels, pool_h, pool_w)
+        threads = torch.get_num_threads()
+        _check(
+            lib.max_pool_forward(
+                _pointer(x), is_bf16, *shape, _pointer(y), _pointer(argmax), threads
+            )
+        )
+        ctx.save_for_backward(argmax)
+        ctx.shape, ctx.dtype = shape, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        lib = native.library()
+        assert lib is not None
+        (argmax,) = ctx.saved_tensors
+        batch, height, width, channels, _, _ = ctx.shape
+        grad = grad_y.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty(
+            (batch, channels, height, width), dtype=ctx.dtype, memory_format=torch.channels_last
+        )
+        is_bf16 = int(ctx.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        _check(
+            lib.max_pool_backward(
+                _pointer(grad), is_bf16, _pointer(argmax), *ctx.shape, _pointer(grad_x), threads
+            )
+        )
+        return grad_x, None, None
+
+
+def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
+    """pool(x) for a `pool_fits` input, padding included. With its backward 1.4x faster than
+    max_pool2d on `fast`'s 128x48x14x14 bf16 activations: one-byte window positions instead of
+    int64 indices, and an input gradient written in one pass instead of zero-filled and then
+    scattered into."""
+    pad = pool.pad or (0, 0, 0, 0)
+    pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
+    return _MaxPool.apply(x, pool_h, pool_w)

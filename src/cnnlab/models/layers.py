@@ -663,7 +663,8 @@ class KerasMaxPool2D(nn.MaxPool2d):
     """MaxPooling2D; 'same' pads with -inf so padding never wins the max, as in TF.
 
     Without autograd, pools whose window equals their stride run `tile_max` (3-5x faster on CPU
-    than max_pool2d, which also computes indices); same values. In training,
+    than max_pool2d, which also computes indices); same values. With autograd, 2x2 pools on the
+    CPU run cnnlab's C kernel (cnnlab.models.fused.max_pool) where it is built. In training,
     `deferred_act` is the previous Conv2D's activation, applied here after pooling (exact, see
     POOL_COMMUTING_ACTIVATIONS); evaluation and explanations keep Keras' order unless
     `defer_in_eval` is set (inference copies, see cnnlab.models.folding.inference_copy).
@@ -677,12 +678,16 @@ class KerasMaxPool2D(nn.MaxPool2d):
         self.tiled = tuple(a["pool_size"]) == tuple(a["strides"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H', W')
-        if self.pad is not None:
-            x = F.pad(x, self.pad, value=float("-inf"))
-        if self.tiled and not (torch.is_grad_enabled() and x.requires_grad):
-            x = tile_max(x, self.kernel_size)
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if needs_grad and fused.pool_fits(self, x):
+            x = fused.max_pool(self, x)  # pads itself
         else:
-            x = super().forward(x)
+            if self.pad is not None:
+                x = F.pad(x, self.pad, value=float("-inf"))
+            if self.tiled and not needs_grad:
+                x = tile_max(x, self.kernel_size)
+            else:
+                x = super().forward(x)
         if self.deferred_act is not None and (self.training or self.defer_in_eval):
             x = self.deferred_act(x)
         return x
@@ -853,8 +858,7 @@ def _defer_activations_to_pools(modules: Sequence[nn.Module]) -> None:
 
 class LayerStack(nn.Sequential):
     """nn.Sequential that runs a Conv2D on few channels and the MaxPool2D after it as one fused
-    CPU kernel where it can (cnnlab.models.fused: 2-10x faster than the two modules), and
-    every other layer as it is."""
+    CPU kernel where it can (cnnlab.models.fused), and every other layer as it is."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self)

@@ -1,6 +1,6 @@
 """C kernels for the CPU, compiled on first use with the system C compiler and loaded with ctypes.
 
-No build step at install time and no torch headers: `conv_pool.c` is plain C11, compiled in
+No build step at install time and no torch headers: `kernels.c` is plain C11, compiled in
 about a second with `-O3 -march=native -fopenmp` into a cache folder and reused while its
 source, the compiler and the CPU stay the same. OpenMP makes it share PyTorch's libgomp and
 its threads; a compiler without OpenMP gets a single-threaded build. Every caller keeps a
@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("conv_pool.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC")
 OPENMP = "-fopenmp"
 BUILD_TIMEOUT_S = 120
@@ -32,7 +32,7 @@ _build_lock = threading.Lock()
 
 
 class ConvPoolGeometry(ctypes.Structure):
-    """Mirror of `Geometry` in conv_pool.c."""
+    """Mirror of `Geometry` in kernels.c."""
 
     _fields_ = [
         (name, ctypes.c_int32)
@@ -54,8 +54,8 @@ class ConvPoolGeometry(ctypes.Structure):
     ]
 
 
-LANES = 16  # LANES in conv_pool.c: weights and gradients have out_c rounded up to a multiple
-MAX_TAPS = 128  # MAX_TAPS in conv_pool.c: kh * kw * in_c at most
+LANES = 16  # LANES in kernels.c: weights and gradients have out_c rounded up to a multiple
+MAX_TAPS = 128  # MAX_TAPS in kernels.c: kh * kw * in_c at most
 
 
 def cache_dir() -> Path:
@@ -126,6 +126,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.conv_pool_weight_grad.argtypes = [geometry, pointer, pointer, i32, pointer, i64, i64]
     lib.conv_pool_weight_grad.argtypes += [pointer, pointer, i32]
     lib.conv_pool_weight_grad.restype = ctypes.c_int
+    # (x, is_bf16, batch, h, w, c, pool_h, pool_w, y, argmax, threads)
+    lib.max_pool_forward.argtypes = [pointer, i32, i64, i32, i32, i32, i32, i32, pointer, pointer]
+    lib.max_pool_forward.argtypes += [i32]
+    lib.max_pool_forward.restype = ctypes.c_int
+    # (grad_y, is_bf16, argmax, batch, h, w, c, pool_h, pool_w, grad_x, threads)
+    lib.max_pool_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32, pointer]
+    lib.max_pool_backward.argtypes += [i32]
+    lib.max_pool_backward.restype = ctypes.c_int
     return lib
 
 

@@ -1,4 +1,5 @@
-/* A convolution with few input channels fused with the 2x2 max pool after it, on the CPU.
+/* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
+ * after it, and the 2x2 max pool alone with its gradient.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
@@ -69,6 +70,18 @@ INLINE int padded_rows(const Geometry *g) {
 }
 INLINE int padded_cols(const Geometry *g) {
     return (g->conv_w > 2 * g->pool_w ? g->conv_w : 2 * g->pool_w) + g->kw - 1;
+}
+
+/* This thread's share [b0, b1) of a batch split over an OpenMP team (all of it without one). */
+static void share(int64_t batch, int64_t *b0, int64_t *b1) {
+#ifdef _OPENMP
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+    *b0 = batch * t / n;
+    *b1 = batch * (t + 1) / n;
+#else
+    *b0 = 0;
+    *b1 = batch;
+#endif
 }
 
 /* float32 -> bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN. */
@@ -225,12 +238,8 @@ int conv_pool_forward(const Geometry *g, const float *x, const float *w, const f
     int status = 0;
 #pragma omp parallel num_threads(threads) reduction(min : status)
     {
-        int64_t b0 = 0, b1 = batch;
-#ifdef _OPENMP
-        const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
-        b0 = batch * t / n;
-        b1 = batch * (t + 1) / n;
-#endif
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
         status = forward_images(g, x, w, bias, b0, b1, y, y_is_bf16, argmax);
     }
     return status;
@@ -329,6 +338,7 @@ static int weight_grad_images(const Geometry *g, const float *x, const void *gra
 int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
                           int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch,
                           int64_t chunk, float *grad_w, float *grad_b, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
     if (g->kh * g->kw * g->in_c > MAX_TAPS || chunk < 1) return -1;
     const int64_t chunks = (batch + chunk - 1) / chunk;
     const int64_t w_size = (int64_t)g->kh * g->kw * g->in_c * padded(g->out_c);
@@ -342,4 +352,157 @@ int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
         status = done < status ? done : status;
     }
     return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 2x2 max pooling, stride 2, on channels_last tensors                                       */
+/*                                                                                           */
+/* x [batch][h][w][c] float32 or bfloat16; y [batch][pool_h][pool_w][c], the same type; window */
+/* (i, j) covers rows 2i, 2i+1 and columns 2j, 2j+1 clipped to the input, as above. argmax    */
+/* [batch][pool_h][pool_w][c] uint8 holds the winning position (0-3): one byte where          */
+/* torch.max_pool2d keeps an int64 index. The gradient pass writes every input pixel once     */
+/* (the routed gradient or zero) where PyTorch zero-fills the whole input gradient first and  */
+/* scatters into it after.                                                                    */
+
+INLINE vf load_any(const void *p, int64_t at, int is_bf16) {
+    if (!is_bf16) return load((const float *)p + at);
+    const uint16_t *h = (const uint16_t *)p + at;
+    vi bits;
+    for (int c = 0; c < LANES; c++) bits[c] = (int32_t)((uint32_t)h[c] << 16);
+    return (vf)bits;
+}
+
+/* Stores v exactly: in bfloat16, values that came from bfloat16 need no rounding. */
+INLINE void store_any(void *p, int64_t at, int is_bf16, vf v) {
+    if (!is_bf16) {
+        store((float *)p + at, v);
+        return;
+    }
+    const vi bits = ((vi)v >> 16) & 0xffff;
+    uint16_t *h = (uint16_t *)p + at;
+    for (int c = 0; c < LANES; c++) h[c] = (uint16_t)bits[c];
+}
+
+/* The scalar versions, for the channels after the last whole block of LANES. */
+INLINE float load_one(const void *p, int64_t at, int is_bf16) {
+    if (!is_bf16) return ((const float *)p)[at];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[at] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+INLINE void store_one(void *p, int64_t at, int is_bf16, float value) {
+    if (!is_bf16) {
+        ((float *)p)[at] = value;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    ((uint16_t *)p)[at] = (uint16_t)(bits >> 16);
+}
+
+static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int h, int w, int c,
+                        int pool_h, int pool_w, void *y, uint8_t *argmax) {
+    const int whole = c / LANES * LANES;
+    for (int64_t b = b0; b < b1; b++) {
+        for (int i = 0; i < pool_h; i++) {
+            for (int j = 0; j < pool_w; j++) {
+                int64_t from[4];
+                int valid[4];
+                for (int p = 0; p < 4; p++) {
+                    const int row = 2 * i + (p >> 1), col = 2 * j + (p & 1);
+                    valid[p] = row < h && col < w;
+                    from[p] = ((b * h + row) * w + col) * c;
+                }
+                const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
+                for (int c0 = 0; c0 < whole; c0 += LANES) {
+                    vf best = load_any(x, from[0] + c0, is_bf16);
+                    vi arg = (vi){0};
+                    for (int p = 1; p < 4; p++) {
+                        if (!valid[p]) continue;
+                        const vf value = load_any(x, from[p] + c0, is_bf16);
+                        const vi wins = (value > best) | (value != value);
+                        best = select_f(wins, value, best);
+                        arg = select_i(wins, (vi){0} + p, arg);
+                    }
+                    store_any(y, at + c0, is_bf16, best);
+                    for (int k = 0; k < LANES; k++) argmax[at + c0 + k] = (uint8_t)arg[k];
+                }
+                for (int k = whole; k < c; k++) {
+                    float best = load_one(x, from[0] + k, is_bf16);
+                    uint8_t arg = 0;
+                    for (int p = 1; p < 4; p++) {
+                        if (!valid[p]) continue;
+                        const float value = load_one(x, from[p] + k, is_bf16);
+                        if (value > best || value != value) best = value, arg = (uint8_t)p;
+                    }
+                    store_one(y, at + k, is_bf16, best);
+                    argmax[at + k] = arg;
+                }
+            }
+        }
+    }
+}
+
+static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax, int64_t b0,
+                          int64_t b1, int h, int w, int c, int pool_h, int pool_w, void *grad_x) {
+    const int whole = c / LANES * LANES;
+    for (int64_t b = b0; b < b1; b++) {
+        for (int row = 0; row < h; row++) {
+            for (int col = 0; col < w; col++) {
+                const int64_t to = ((b * h + row) * w + col) * c;
+                const int i = row >> 1, j = col >> 1;
+                if (i >= pool_h || j >= pool_w) { /* dropped by 'valid' pooling */
+                    memset((char *)grad_x + to * (is_bf16 ? 2 : 4), 0,
+                           (size_t)c * (is_bf16 ? 2 : 4));
+                    continue;
+                }
+                const int p = (row & 1) * 2 + (col & 1);
+                const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
+                for (int c0 = 0; c0 < whole; c0 += LANES) {
+                    vi arg;
+                    for (int k = 0; k < LANES; k++) arg[k] = argmax[at + c0 + k];
+                    const vf g = load_any(grad_y, at + c0, is_bf16);
+                    store_any(grad_x, to + c0, is_bf16, select_f(arg == p, g, (vf){0}));
+                }
+                for (int k = whole; k < c; k++) {
+                    const float g = argmax[at + k] == p ? load_one(grad_y, at + k, is_bf16) : 0.0f;
+                    store_one(grad_x, to + k, is_bf16, g);
+                }
+            }
+        }
+    }
+}
+
+int max_pool_forward(const void *x, int32_t is_bf16, int64_t batch, int32_t h, int32_t w,
+                     int32_t c, int32_t pool_h, int32_t pool_w, void *y, uint8_t *argmax,
+                     int32_t threads) {
+    if (threads <= 1) {
+        pool_images(x, is_bf16, 0, batch, h, w, c, pool_h, pool_w, y, argmax);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
+        pool_images(x, is_bf16, b0, b1, h, w, c, pool_h, pool_w, y, argmax);
+    }
+    return 0;
+}
+
+int max_pool_backward(const void *grad_y, int32_t is_bf16, const uint8_t *argmax, int64_t batch,
+                      int32_t h, int32_t w, int32_t c, int32_t pool_h, int32_t pool_w,
+                      void *grad_x, int32_t threads) {
+    if (threads <= 1) {
+        unpool_images(grad_y, is_bf16, argmax, 0, batch, h, w, c, pool_h, pool_w, grad_x);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
+        unpool_images(grad_y, is_bf16, argmax, b0, b1, h, w, c, pool_h, pool_w, grad_x);
+    }
+    return 0;
 }
