@@ -53,18 +53,33 @@ def fusable(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
         and conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels <= native.MAX_TAPS
         and conv.activation_name in (None, "relu")
     )
-    pool_pad = pool.pad or (0, 0, 0, 0)  # (left, right, top, bottom)
-    pool_ok = (
+    return conv_ok and _two_by_two(pool)
+
+
+def _two_by_two(pool: KerasMaxPool2D) -> bool:
+    """A 2x2 pool with stride 2, padded (if at all) below and to the right, as TF's 'same' pads:
+    the window clipping the kernels do."""
+    pad = pool.pad or (0, 0, 0, 0)  # (left, right, top, bottom)
+    return (
         tuple(pool.kernel_size) == (2, 2)  # type: ignore[arg-type]
         and tuple(pool.stride) == (2, 2)  # type: ignore[arg-type]
         and pool.padding in (0, (0, 0))
         and pool.dilation in (1, (1, 1))
         and not pool.ceil_mode
-        and pool_pad[0] == 0
-        and pool_pad[2] == 0
-        and max(pool_pad) <= 1
+        and pad[0] == 0
+        and pad[2] == 0
+        and max(pad) <= 1
     )
-    return conv_ok and pool_ok
+
+
+def _kernels_usable() -> bool:
+    """Outside tracing, scripting and torch.compile (the kernels are opaque to them), and built."""
+    return (
+        not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and native.library() is not None
+    )
 
 
 def _watched(module: nn.Module) -> bool:
@@ -98,10 +113,7 @@ def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> boo
         and conv.weight.dtype == torch.float32
         and conv.weight.device.type == "cpu"
         and not (_watched(conv) or _watched(pool) or _watched(conv.act) or _globally_watched())
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
-        and native.library() is not None
+        and _kernels_usable()
     )
 
 
@@ -235,28 +247,16 @@ def conv_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch
 
 
 def pool_fits(pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
-    """Whether `max_pool` can pool x for this layer: a 2x2 pool with stride 2, padded (if at
-    all) below and to the right, on a channels_last float32 or bf16 CPU tensor, outside
-    tracing and compiling, with the kernels built."""
-    pad = pool.pad or (0, 0, 0, 0)
+    """Whether `max_pool` can pool x for this layer: a 2x2 pool on a channels_last float32 or
+    bf16 CPU tensor, outside tracing and compiling, with the kernels built."""
     return (
-        tuple(pool.kernel_size) == (2, 2)  # type: ignore[arg-type]
-        and tuple(pool.stride) == (2, 2)  # type: ignore[arg-type]
-        and pool.padding in (0, (0, 0))
-        and pool.dilation in (1, (1, 1))
-        and not pool.ceil_mode
-        and pad[0] == 0
-        and pad[2] == 0
-        and max(pad) <= 1
+        _two_by_two(pool)
         and x.device.type == "cpu"
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous(memory_format=torch.channels_last)
         and x.shape[0] * x.shape[1] > 0
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
-        and native.library() is not None
+        and _kernels_usable()
     )
 
 
