@@ -17,6 +17,11 @@ from cnnlab import native
 from cnnlab.models import build_model, fused, preset_layers
 from cnnlab.models.layers import CnnModel
 
+# The `kernels` fixture only skips; it holds no state that examples could share.
+property_settings = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
 
 @pytest.fixture
 def kernels():
@@ -87,9 +92,7 @@ def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = Fals
     return logits.detach().float(), grads
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@property_settings
 @given(
     in_c=st.integers(1, 4),
     height=st.integers(3, 13),
@@ -279,9 +282,7 @@ def pool_layer(pool_padding: str, in_shape: tuple[int, int, int]):
     return build_model([*layers, {"Dense": {"units": 2}}], in_shape, 2).layers[0]
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@property_settings
 @given(
     channels=st.integers(1, 40),
     height=st.integers(2, 11),

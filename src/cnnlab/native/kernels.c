@@ -91,6 +91,12 @@ INLINE vi to_bf16(vf value) {
     return select_i(value != value, (bits >> 16) | 0x40, rounded) & 0xffff;
 }
 
+/* A buffer for pad_image (free it); NULL when out of memory. */
+static float *padded_buffer(const Geometry *g) {
+    return malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
+                  (size_t)g->in_c);
+}
+
 /* Image xb, zero-padded into buf so that every window position's patch lies inside it:
  * rows [-pad_top, padded_rows - pad_top) and the same for columns, in_c values each.
  * Returns the padded row length in floats. */
@@ -180,8 +186,7 @@ INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const i
     const int out_c = g->out_c, out_c_pad = padded(out_c);
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
     const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
-    float *buf = malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
-                        (size_t)g->in_c);
+    float *buf = padded_buffer(g);
     if (!buf) return -2;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t row = pad_image(g, x + b * image, buf);
@@ -296,8 +301,7 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
     const int out_c = g->out_c, out_c_pad = padded(out_c);
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
     const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
-    float *buf = malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
-                        (size_t)g->in_c);
+    float *buf = padded_buffer(g);
     if (!buf) return -2;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t row = pad_image(g, x + b * image, buf);
