@@ -94,18 +94,36 @@ def test_run_folder_holds_every_artifact(digits_config: RunConfig) -> None:
     assert second.run_dir.name == "train-2"
 
 
-def test_same_seed_gives_identical_weights(digits_config: RunConfig) -> None:
-    first = train_run(digits_config)
-    second = train_run(digits_config)
+@pytest.fixture
+def two_threads(digits_config: RunConfig) -> RunConfig:
+    """A fixed thread count: the sums inside convolutions depend on it, and with threads=0
+    training follows the cores other processes leave free (test_training_cores.py)."""
+    return digits_config.with_overrides({"train.threads": 2})
+
+
+def test_same_seed_gives_identical_weights(two_threads: RunConfig) -> None:
+    first = train_run(two_threads)
+    second = train_run(two_threads)
     assert state_hash(first.model.state_dict()) == state_hash(second.model.state_dict())
-    other = train_run(replace(digits_config, seed=1))
+    other = train_run(replace(two_threads, seed=1))
     assert state_hash(other.model.state_dict()) != state_hash(first.model.state_dict())
 
 
-def test_saved_config_repeats_the_run(digits_config: RunConfig) -> None:
+def test_auto_threads_on_free_cores_give_identical_weights(
+    digits_config: RunConfig, monkeypatch
+) -> None:
+    from cnnlab.training.cores import OtherProcessLoad
+
+    monkeypatch.setattr(OtherProcessLoad, "read", lambda self: 0.0)  # nothing else running
+    first = train_run(digits_config)
+    second = train_run(digits_config)
+    assert state_hash(first.model.state_dict()) == state_hash(second.model.state_dict())
+
+
+def test_saved_config_repeats_the_run(two_threads: RunConfig) -> None:
     from cnnlab.config import load_config
 
-    first = train_run(digits_config)
+    first = train_run(two_threads)
     repeat = train_run(load_config(first.run_dir / "config.yaml"))
     assert state_hash(first.model.state_dict()) == state_hash(repeat.model.state_dict())
 
@@ -122,10 +140,10 @@ class StopAfter(Callback):
 
 
 @pytest.mark.parametrize("stop_step", [7, 23])  # mid-epoch 1, mid-epoch 2 (22 steps per epoch)
-def test_resume_mid_epoch_is_exact(digits_config: RunConfig, stop_step: int) -> None:
+def test_resume_mid_epoch_is_exact(two_threads: RunConfig, stop_step: int) -> None:
     from cnnlab.training.run import TrainingInterrupted
 
-    config = digits_config.with_overrides(
+    config = two_threads.with_overrides(
         {
             "train.epochs": 3,
             "data.augment.shift": 0.1,

@@ -402,7 +402,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="run folder name (default train; auto-numbered)")
     g.add_argument("--project", help="parent folder of runs (default runs)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    g.add_argument("--threads", type=int, help="CPU threads (default: cores)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default 0: the cores other processes leave free, rechecked each "
+        "second; a fixed count gives bit-identical reruns on a busy machine too)",
+    )
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument(
         "--amp",

@@ -41,7 +41,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cnnlab.errors import ConfigError
     from cnnlab.inference import select_device, uses_bf16
     from cnnlab.models import list_presets, presets_that_fit
-    from cnnlab.training.run import configure_threads
+    from cnnlab.training.cores import configure_threads
 
     height, width, channels = parse_shape(args.input_shape)
     shape = (channels, height, width)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from cnnlab.training.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from cnnlab.training.cores import ThreadGovernor, configure_threads, usable_cores
 from cnnlab.training.loop import Callback, Trainer
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,6 @@ def resolve_layers(
     if model.layers:
         return list(model.layers)
     return preset_layers(model.preset or DEFAULT_PRESET, num_classes, input_shape=input_shape)
-
-
-def configure_threads(threads: int) -> None:
-    """Use the physical cores (or `threads`); more threads than cores slows small convolutions."""
-    if threads:
-        torch.set_num_threads(threads)
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, cores or 1))
 
 
 class RunFolderWriter(Callback):
@@ -204,6 +195,8 @@ def train_run(
         "Run folder %s (if training stops, resume with: cnnlab train --resume %s)", *[run_dir] * 2
     )
     writer = RunFolderWriter(run_dir, ModelInfo([], (), Preprocessing((1, 1, 1))))
+    if not config.train.threads:
+        callbacks = [ThreadGovernor(usable_cores()), *callbacks]
     trainer, info = build_trainer(config, data, [writer, *callbacks])
     writer.info = info
     if checkpoint is not None:

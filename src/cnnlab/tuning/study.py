@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cnnlab import fileio
 from cnnlab.config import RunConfig, load_config
 from cnnlab.errors import CnnlabError, ConfigError, DataError
+from cnnlab.training.cores import usable_cores
 from cnnlab.tuning import storage as stores
 from cnnlab.tuning.settings import (
     SETTINGS_ATTR,
@@ -293,8 +294,7 @@ def default_threads(base: RunConfig, workers: int) -> int | None:
     """Share the cores between local workers unless the base config fixes the thread count."""
     if base.train.threads or workers <= 1:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // workers)
+    return max(1, usable_cores() // workers)
 
 
 # ---------------------------------------------------------------------------------- coordinator
