@@ -329,3 +329,90 @@ def test_max_pool_kernel_passes_nan_and_skips_other_layouts(kernels):
     assert torch.isnan(F.max_pool2d(x, 2)[1, 2, 1, 1])
     assert not fused.pool_fits(pool, x.contiguous().requires_grad_())  # NCHW: max_pool2d runs
     assert not fused.pool_fits(pool, x.double().contiguous(memory_format=torch.channels_last))
+
+
+# ----------------------------------------------------------------------------------- dropout
+
+
+def raw_dropout(x: torch.Tensor, p: float, seed: int, threads: int = 1) -> torch.Tensor:
+    y = torch.full((x.numel() + 64,), 7.0, dtype=x.dtype)  # slack after the end: never written
+    status = native.library().dropout(
+        x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), x.numel(), p, seed, threads
+    )
+    assert status == 0
+    assert (y[x.numel() :] == 7.0).all()
+    return y[: x.numel()]
+
+
+def test_dropout_draws_philox4x32_10s_published_numbers(kernels):
+    # Random123's known answer for counter 0 and key 0: 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+    # Element 16 * k of the first block takes the k-th 16-bit half (low half first).
+    halves = [0xE8D5, 0x6627, 0xC58D, 0xE169, 0xAC4C, 0xBC57, 0xDBD8, 0x9B00]
+    for threshold in (30000, 50000, 57000):
+        y = raw_dropout(torch.ones(128), threshold / 65536, seed=0)
+        assert (y[::16] != 0).tolist() == [half >= threshold for half in halves]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_1_minus_p_and_scales_by_the_keep_rate(kernels, p, dtype):
+    x = torch.rand(1 << 20).add(0.5).to(dtype)  # no zeros: a zero output means dropped
+    y = raw_dropout(x, p, seed=12345)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.003  # 6 standard deviations
+    drop_below = int(p * 65536 + 0.5)
+    scale = torch.tensor(65536 / (65536 - drop_below), dtype=torch.float32)
+    assert torch.equal(y[kept], (x[kept].float() * scale).to(dtype))  # one rounding, to even
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 127, 129, 1000])
+def test_dropout_tails_use_the_same_numbers_as_whole_blocks(kernels, n):
+    whole = raw_dropout(torch.ones(1024), 0.5, seed=99)
+    assert torch.equal(raw_dropout(torch.ones(n), 0.5, seed=99), whole[:n])
+
+
+def test_dropout_mask_does_not_depend_on_threads_and_changes_with_the_seed(kernels):
+    x = torch.ones(100_003)
+    one = raw_dropout(x, 0.3, seed=7, threads=1)
+    assert torch.equal(raw_dropout(x, 0.3, seed=7, threads=2), one)
+    assert torch.equal(raw_dropout(x, 0.3, seed=7, threads=5), one)
+    assert not torch.equal(raw_dropout(x, 0.3, seed=8), one)
+
+
+def test_dropout_layer_follows_torch_manual_seed_and_draws_new_masks(kernels):
+    layer = build_model([{"Dropout": {"rate": 0.5}}, {"Flatten": {}}], (4, 6, 6), 144).layers[0]
+    layer.train()
+    x = torch.ones(8, 4, 6, 6)
+    torch.manual_seed(3)
+    first, second = layer(x), layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_backward_draws_the_same_mask_in_any_gradient_layout(kernels, dtype):
+    x = torch.rand(16, 8, 5, 5).add(0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    # no zeros in x: a zero output means dropped
+    x.requires_grad_(True)
+    y = fused.dropout(x, 0.4)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.rand(16, 8, 5, 5).add(0.5).to(dtype)  # NCHW, unlike x
+    y.backward(grad)
+    scale = torch.tensor(65536 / (65536 - int(0.4 * 65536 + 0.5)))
+    kept = y.detach() != 0
+    assert 0.5 < kept.float().mean() < 0.7
+    assert torch.equal(x.grad, (grad.float() * scale * kept).to(dtype))
+
+
+def test_dropout_passes_nan_and_leaves_other_tensors_to_torch(kernels):
+    y = fused.dropout(torch.full((4096,), float("nan")), 0.5)
+    assert y.isnan().all()  # x * 0 for dropped values, as PyTorch's dropout gives
+    strided = torch.ones(64, 64)[:, ::2]
+    assert not fused.dropout_fits(strided)
+    assert not fused.dropout_fits(torch.ones(8, dtype=torch.float16))
+    assert fused.dropout_fits(torch.ones(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    layer = build_model([{"Dropout": {"rate": 0.5}}, {"Flatten": {}}], (1, 64, 32), 2048)
+    layer.train()
+    out = layer.layers[0](strided.reshape(1, 1, 64, 32))
+    assert set(out.unique().tolist()) <= {0.0, 2.0}

@@ -1,5 +1,5 @@
-"""Pooling blocks in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2)
-in one kernel, and MaxPool2D(2) alone in training.
+"""Layers in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2) in one
+kernel, MaxPool2D(2) alone in training, and Dropout.
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
@@ -310,3 +310,53 @@ def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
     pad = pool.pad or (0, 0, 0, 0)
     pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
     return _MaxPool.apply(x, pool_h, pool_w)
+
+
+def dropout_fits(x: torch.Tensor) -> bool:
+    """Whether `dropout` can take x: a dense float32 or bf16 CPU tensor (contiguous or
+    channels_last), outside tracing and compiling, with the kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.numel() > 0
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and _kernels_usable()
+    )
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
+def _apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    lib = native.library()
+    assert lib is not None
+    y = torch.empty_like(x)  # the same strides, so element i of x is element i of y in memory
+    is_bf16 = int(x.dtype == torch.bfloat16)
+    threads = torch.get_num_threads()
+    _check(lib.dropout(_pointer(x), _pointer(y), is_bf16, x.numel(), p, seed, threads))
+    return y
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+        # One draw from PyTorch's generator per call: torch.manual_seed and the RNG state in
+        # checkpoints govern these masks as they govern everything else.
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        ctx.p, ctx.seed = p, seed
+        ctx.dtype, ctx.memory_format = x.dtype, _memory_format(x)
+        return _apply_dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad = grad_y.to(ctx.dtype).contiguous(memory_format=ctx.memory_format)
+        return _apply_dropout(grad, ctx.p, ctx.seed), None  # the same mask, drawn again
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout of a `dropout_fits` tensor in training, 0 <= p < 1: each value zeroed with
+    probability p (rounded to a multiple of 1/65536), the rest scaled by the inverse of the keep
+    rate. The mask comes from Philox4x32-10 counters (kernels.c), so it is the same for any
+    thread count, and the backward pass draws it again instead of keeping it in memory."""
+    return _Dropout.apply(x, p)

@@ -134,6 +134,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.max_pool_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32, pointer]
     lib.max_pool_backward.argtypes += [i32]
     lib.max_pool_backward.restype = ctypes.c_int
+    # (x, y, is_bf16, n, p, seed, threads)
+    lib.dropout.argtypes = [pointer, pointer, i32, i64, ctypes.c_float, ctypes.c_uint64, i32]
+    lib.dropout.restype = ctypes.c_int
     return lib
 
 

@@ -510,3 +510,113 @@ int max_pool_backward(const void *grad_y, int32_t is_bf16, const uint8_t *argmax
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------- dropout
+ *
+ * y = x * (keep ? 1 / (1 - p) : 0), with the keep-mask drawn from a counter-based generator,
+ * Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+ * SC 2011; the generator behind cuRAND's, TensorFlow's and JAX's dropout). Every element's
+ * random number is a function of (seed, its index) alone, so the mask does not depend on the
+ * thread count, and the backward pass draws the same mask again instead of storing it.
+ *
+ * Elements go in blocks of 8 * LANES: the LANES counters block * LANES + lane each give four
+ * 32-bit words, every word two 16-bit numbers; element block * 8 * LANES + (2 * word + half)
+ * * LANES + lane is kept when its number is at least drop_below (p * 65536, rounded). Keeping
+ * the product x * 0 for dropped elements, as PyTorch does, lets a NaN pass through.
+ */
+
+typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint64_t vu64 __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+#define BLOCK (8 * LANES)
+
+/* The high and low 32 bits of each lane's product with the constant m. */
+INLINE void mulhilo(vu a, uint32_t m, vu *hi, vu *lo) {
+    const vu64 low_half = (vu64){0} + 0xffffffffu;
+    const vu64 even = ((vu64)a & low_half) * (uint64_t)m; /* lanes 0, 2, 4, ... */
+    const vu64 odd = ((vu64)a >> 32) * (uint64_t)m;       /* lanes 1, 3, 5, ... */
+    *hi = (vu)((even >> 32) | (odd & ~low_half));
+    *lo = (vu)((even & low_half) | (odd << 32));
+}
+
+/* Philox4x32-10 of the counters (counter, counter_hi, 0, 0) under the key seed. */
+INLINE void philox(vu counter, uint32_t counter_hi, uint64_t seed, vu out[4]) {
+    vu c0 = counter, c1 = (vu){0} + counter_hi, c2 = (vu){0}, c3 = (vu){0};
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int round = 0; round < 10; round++) {
+        vu hi0, lo0, hi1, lo1;
+        mulhilo(c0, 0xD2511F53u, &hi0, &lo0);
+        mulhilo(c2, 0xCD9E8D57u, &hi1, &lo1);
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+
+INLINE vf load_vec(const void *p, int64_t at, int is_bf16) {
+    if (!is_bf16) return load((const float *)p + at);
+    vi bits;
+    for (int k = 0; k < LANES; k++) bits[k] = (int32_t)((const uint16_t *)p)[at + k] << 16;
+    return (vf)bits;
+}
+
+INLINE void store_vec(void *p, int64_t at, int is_bf16, vf v) {
+    if (!is_bf16) {
+        store((float *)p + at, v);
+        return;
+    }
+    const vi bits = to_bf16(v);
+    for (int k = 0; k < LANES; k++) ((uint16_t *)p)[at + k] = (uint16_t)bits[k];
+}
+
+static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64_t first,
+                           int64_t last, uint32_t drop_below, float scale, uint64_t seed) {
+    vu lanes;
+    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
+    for (int64_t block = first; block < last; block++) {
+        const uint64_t counter = (uint64_t)block * LANES;
+        vu words[4];
+        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        for (int part = 0; part < 8; part++) {
+            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
+            const vf factor = select_f((vi)(number >= drop_below), (vf){0} + scale, (vf){0});
+            const int64_t at = block * BLOCK + part * LANES;
+            if (at + LANES <= n) {
+                store_vec(y, at, is_bf16, load_vec(x, at, is_bf16) * factor);
+                continue;
+            }
+            for (int k = 0; at + k < n && k < LANES; k++) {
+                const float value = load_one(x, at + k, is_bf16) * factor[k];
+                if (!is_bf16) {
+                    ((float *)y)[at + k] = value;
+                } else {
+                    vf one = (vf){0} + value;
+                    ((uint16_t *)y)[at + k] = (uint16_t)to_bf16(one)[0];
+                }
+            }
+        }
+    }
+}
+
+int dropout(const void *x, void *y, int32_t is_bf16, int64_t n, float p, uint64_t seed,
+            int32_t threads) {
+    if (!(p >= 0.0f && p < 1.0f)) return 1;
+    const uint32_t drop_below = (uint32_t)((double)p * 65536.0 + 0.5);
+    const float scale = (float)(65536.0 / (65536.0 - drop_below)); /* the exact keep rate */
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (threads <= 1 || blocks < 2) {
+        dropout_blocks(x, y, is_bf16, n, 0, blocks, drop_below, scale, seed);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t first, last;
+        share(blocks, &first, &last);
+        dropout_blocks(x, y, is_bf16, n, first, last, drop_below, scale, seed);
+    }
+    return 0;
+}
