@@ -127,35 +127,46 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_governor_gives_up_a_core_at_once_and_takes_it_back_after_two_free_readings(
-    restore_threads, caplog
-) -> None:
+def governed(governor: ThreadGovernor, clock: FakeClock, readings: int) -> list[int]:
+    """The thread count after each of `readings` readings, one batch before each as well."""
+    trainer = SimpleNamespace(device=torch.device("cpu"))
+    seen = []
+    for _ in range(readings):
+        reads = governor.load.reads  # type: ignore[union-attr]
+        governor.on_batch_end(trainer, {})  # type: ignore[arg-type]
+        assert governor.load.reads == reads  # type: ignore[union-attr]  # not yet: too soon
+        clock.now += cores.READING_SECONDS
+        governor.on_batch_end(trainer, {})  # type: ignore[arg-type]
+        seen.append(torch.get_num_threads())
+    return seen
+
+
+def test_governor_changes_threads_when_two_readings_in_a_row_agree(restore_threads, caplog) -> None:
     clock = FakeClock()
-    load = ScriptedLoad([None, 1.0, 0.0, 1.0, 0.0, 0.1])  # baseline first
+    load = ScriptedLoad([None, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.1, 0.0])  # the baseline first
     governor = ThreadGovernor(2, load, clock=clock)  # type: ignore[arg-type]
     trainer = SimpleNamespace(device=torch.device("cpu"))
     caplog.set_level(logging.INFO, logger="cnnlab.training.cores")
     governor.on_train_begin(trainer, {})  # type: ignore[arg-type]
     assert torch.get_num_threads() == 2 and load.reads == 1
-
-    seen = []
-    for _ in range(5):
-        governor.on_batch_end(trainer, {})  # type: ignore[arg-type]
-        assert load.reads == 1 + len(seen)  # not read again before the interval is up
-        clock.now += cores.READING_SECONDS
-        governor.on_batch_end(trainer, {})  # type: ignore[arg-type]
-        seen.append(torch.get_num_threads())
-    # 1.0 busy: one thread at once; 0.0 once is not enough; 1.0 again; then two free readings.
-    assert seen == [1, 1, 1, 1, 2]
+    # A busy reading alone (another framework's threads spinning down) changes nothing; two
+    # in a row take a core; then free, busy, free, free give it back on the last reading.
+    assert governed(governor, clock, 8) == [2, 2, 2, 1, 1, 1, 1, 2]
     assert "keep 1.0 of 2 cores busy: training on 1 thread" in caplog.text
     assert "Cores free again: training on 2 threads" in caplog.text
 
-    clock.now += cores.READING_SECONDS
-    load.readings = [3.0]
-    governor.on_batch_end(trainer, {})  # type: ignore[arg-type]
-    assert torch.get_num_threads() == 1
+    load.readings = [3.0, 3.0]
+    assert governed(governor, clock, 2) == [2, 1]
     governor.on_train_end(trainer, {})  # type: ignore[arg-type]
     assert torch.get_num_threads() == 2  # evaluation after training gets every core
+
+
+def test_governor_makes_the_smaller_of_two_agreeing_changes(restore_threads) -> None:
+    clock = FakeClock()
+    load = ScriptedLoad([None, 2.0, 1.0, 3.0, 3.0, 1.0, 0.0])
+    governor = ThreadGovernor(4, load, clock=clock)  # type: ignore[arg-type]
+    governor.on_train_begin(SimpleNamespace(device=torch.device("cpu")), {})  # type: ignore[arg-type]
+    assert governed(governor, clock, 6) == [4, 3, 3, 1, 1, 3]
 
 
 def test_governor_stays_out_of_gpu_training(restore_threads) -> None:
@@ -172,7 +183,7 @@ def test_governor_stays_out_of_gpu_training(restore_threads) -> None:
 def busy_neighbour(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every reading says other processes keep all cores busy; returns the thread counts that
     training sets."""
-    monkeypatch.setattr(cores, "FIRST_READING_SECONDS", 0.0)
+    monkeypatch.setattr(cores, "READING_SECONDS", 0.0)
     monkeypatch.setattr(OtherProcessLoad, "read", lambda self: float(usable_cores()))
     threads_set: list[int] = []
     set_num_threads = torch.set_num_threads

@@ -7,10 +7,10 @@ no faster than one thread. But when another process holds one of the cores, a sp
 that waits for its partner there burns its own core through that process's time slices: with
 one busy process beside it, training on 2 spinning threads ran 2-3x slower than on 1 thread.
 
-So training with `threads=0` (auto) reads, about once a second, how much CPU time other
-processes took on this process's cores, and runs on the cores they leave free: one core
-fewer as soon as another process keeps one busy, all of them again once two readings in a row
-find them free. Thread counts change the order of floating-point sums, so on a busy machine a
+So training with `threads=0` (auto) reads, twice a second, how much CPU time other processes
+took on this process's cores, and runs on the cores they leave free. The count changes only when
+two readings in a row ask for the same change: another framework's OpenMP threads spin for up to
+200 ms after their last op (Intel's KMP_BLOCKTIME), and that should not cost a core for seconds. Thread counts change the order of floating-point sums, so on a busy machine a
 run with threads=0 can differ in the last digits from the same run on an idle one; a fixed
 `--threads N` gives bit-identical reruns.
 """
@@ -32,8 +32,7 @@ from cnnlab.training.loop import Callback, Trainer
 log = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
-FIRST_READING_SECONDS = 0.25  # short runs adapt too; the first reading is soon after the start
-READING_SECONDS = 1.0
+READING_SECONDS = 0.5
 BUSY_TOLERANCE = 0.25  # of a core: other processes may take this much and we still use all
 
 
@@ -113,10 +112,7 @@ def threads_for(other_load: float, cores: int) -> int:
 
 
 class ThreadGovernor(Callback):
-    """Trains on the free cores only, rechecked about once a second (see the module docstring).
-
-    Fewer threads at once when another process takes a core; more again only after two readings
-    in a row agree, so a brief burst elsewhere does not make the count flap."""
+    """Trains on the free cores only, rechecked twice a second (see the module docstring)."""
 
     def __init__(
         self,
@@ -129,7 +125,7 @@ class ThreadGovernor(Callback):
         self.clock = clock
         self.threads = cores
         self.next_reading = math.inf
-        self.free_readings = 0  # readings in a row that allowed more threads than now
+        self.asked: int | None = None  # what the previous reading asked for, if not `threads`
 
     def on_train_begin(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if trainer.device.type != "cpu":  # a GPU does the work; the CPU threads mostly wait
@@ -137,7 +133,7 @@ class ThreadGovernor(Callback):
         self.load = self.load or OtherProcessLoad(clock=self.clock)
         self.load.read()  # the baseline
         self._set_threads(self.cores)
-        self.next_reading = self.clock() + FIRST_READING_SECONDS
+        self.next_reading = self.clock() + READING_SECONDS
 
     def on_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         now = self.clock()
@@ -147,25 +143,24 @@ class ThreadGovernor(Callback):
         other_load = self.load.read()
         if other_load is None:
             return
-        wanted = threads_for(other_load, self.cores)
-        if wanted < self.threads:
-            self.free_readings = 0
+        wanted, asked = threads_for(other_load, self.cores), self.asked
+        self.asked = None if wanted == self.threads else wanted
+        if asked is None or self.asked is None or (asked < self.threads) != (wanted < self.threads):
+            return
+        if wanted < self.threads:  # the smaller change of the two
+            threads = max(wanted, asked)
             log.info(
                 "Other processes keep %.1f of %d cores busy: training on %d thread(s) until "
                 "they are free (set --threads to fix the count).",
                 other_load,
                 self.cores,
-                wanted,
+                threads,
             )
-            self._set_threads(wanted)
-        elif wanted > self.threads:
-            self.free_readings += 1
-            if self.free_readings >= 2:
-                self.free_readings = 0
-                log.info("Cores free again: training on %d threads.", wanted)
-                self._set_threads(wanted)
         else:
-            self.free_readings = 0
+            threads = min(wanted, asked)
+            log.info("Cores free again: training on %d threads.", threads)
+        self.asked = None
+        self._set_threads(threads)
 
     def on_train_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self.next_reading = math.inf
