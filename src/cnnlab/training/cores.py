@@ -2,17 +2,18 @@
 
 At the end of every parallel op, PyTorch's OpenMP threads wait for each other. Waiting by
 spinning (libgomp's default: about 3 ms, then sleeping) keeps the small ops of a small CNN fast:
-the tutorial nets train 1.3x faster per epoch than with sleeping threads, which on 2 cores are
+the tutorial nets train 1.2-1.45x faster per epoch than with sleeping threads, which on 2 cores are
 no faster than one thread. But when another process holds one of the cores, a spinning thread
 that waits for its partner there burns its own core through that process's time slices: with
 one busy process beside it, training on 2 spinning threads ran 2-3x slower than on 1 thread.
 
 So training with `threads=0` (auto) reads, twice a second, how much CPU time other processes
 took on this process's cores, and runs on the cores they leave free. The count changes only when
-two readings in a row ask for the same change: another framework's OpenMP threads spin for up to
-200 ms after their last op (Intel's KMP_BLOCKTIME), and that should not cost a core for seconds. Thread counts change the order of floating-point sums, so on a busy machine a
-run with threads=0 can differ in the last digits from the same run on an idle one; a fixed
-`--threads N` gives bit-identical reruns.
+two readings in a row ask for the same change, so a short burst elsewhere, or a reading that
+spans a pause in training while another program ran (Keras' turn in bench-keras), does not
+cost a core for seconds. Thread counts change the order of floating-point sums, so on a busy
+machine a run with threads=0 can differ in the last digits from the same run on an idle one; a
+fixed `--threads N` gives bit-identical reruns.
 """
 
 from __future__ import annotations
