@@ -51,6 +51,8 @@
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(2)));
+typedef uint8_t vb_unaligned __attribute__((vector_size(LANES), aligned(1)));
 
 typedef struct {
     int32_t in_h, in_w, in_c;
@@ -64,6 +66,19 @@ INLINE vf load(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void store(float *p, vf v) { *(vf_unaligned *)p = v; }
 INLINE vf select_f(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 INLINE vi select_i(vi mask, vi yes, vi no) { return (mask & yes) | (~mask & no); }
+/* bfloat16 bits (the upper half of a float32's) to and from LANES lanes, and window positions. */
+INLINE vf load_bf16(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vh_unaligned *)p, vi) << 16);
+}
+INLINE void store_bf16_bits(uint16_t *p, vi bits) {
+    *(vh_unaligned *)p = __builtin_convertvector(bits, vh_unaligned);
+}
+INLINE vi load_bytes(const uint8_t *p) {
+    return __builtin_convertvector(*(const vb_unaligned *)p, vi);
+}
+INLINE void store_bytes(uint8_t *p, vi bytes) {
+    *(vb_unaligned *)p = __builtin_convertvector(bytes, vb_unaligned);
+}
 INLINE int padded(int out_c) { return (out_c + LANES - 1) / LANES * LANES; }
 INLINE int padded_rows(const Geometry *g) {
     return (g->conv_h > 2 * g->pool_h ? g->conv_h : 2 * g->pool_h) + g->kh - 1;
@@ -162,7 +177,7 @@ INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int l
         const vi half = to_bf16(best);
         uint16_t *out = (uint16_t *)y + at;
         if (lanes == LANES)
-            for (int c = 0; c < LANES; c++) out[c] = (uint16_t)half[c];
+            store_bf16_bits(out, half);
         else
             for (int c = 0; c < lanes; c++) out[c] = (uint16_t)half[c];
     } else if (lanes == LANES) {
@@ -172,7 +187,7 @@ INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int l
     }
     if (track) {
         if (lanes == LANES)
-            for (int c = 0; c < LANES; c++) argmax[at + c] = (uint8_t)arg[c];
+            store_bytes(argmax + at, arg);
         else
             for (int c = 0; c < lanes; c++) argmax[at + c] = (uint8_t)arg[c];
     }
@@ -369,22 +384,15 @@ int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
 /* scatters into it after.                                                                    */
 
 INLINE vf load_any(const void *p, int64_t at, int is_bf16) {
-    if (!is_bf16) return load((const float *)p + at);
-    const uint16_t *h = (const uint16_t *)p + at;
-    vi bits;
-    for (int c = 0; c < LANES; c++) bits[c] = (int32_t)((uint32_t)h[c] << 16);
-    return (vf)bits;
+    return is_bf16 ? load_bf16((const uint16_t *)p + at) : load((const float *)p + at);
 }
 
 /* Stores v exactly: in bfloat16, values that came from bfloat16 need no rounding. */
 INLINE void store_any(void *p, int64_t at, int is_bf16, vf v) {
-    if (!is_bf16) {
+    if (is_bf16)
+        store_bf16_bits((uint16_t *)p + at, ((vi)v >> 16) & 0xffff);
+    else
         store((float *)p + at, v);
-        return;
-    }
-    const vi bits = ((vi)v >> 16) & 0xffff;
-    uint16_t *h = (uint16_t *)p + at;
-    for (int c = 0; c < LANES; c++) h[c] = (uint16_t)bits[c];
 }
 
 /* The scalar versions, for the channels after the last whole block of LANES. */
@@ -431,7 +439,7 @@ static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int 
                         arg = select_i(wins, (vi){0} + p, arg);
                     }
                     store_any(y, at + c0, is_bf16, best);
-                    for (int k = 0; k < LANES; k++) argmax[at + c0 + k] = (uint8_t)arg[k];
+                    store_bytes(argmax + at + c0, arg);
                 }
                 for (int k = whole; k < c; k++) {
                     float best = load_one(x, from[0] + k, is_bf16);
@@ -449,30 +457,50 @@ static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int 
     }
 }
 
+/* Zero where 'valid' pooling dropped the last row or column of an odd-sized input. */
+static void zero_dropped(int is_bf16, int64_t b, int h, int w, int c, int pool_h, int pool_w,
+                         void *grad_x) {
+    const size_t elem = is_bf16 ? 2 : 4;
+    char *image = (char *)grad_x + (size_t)(b * h * w * c) * elem;
+    for (int row = 0; row < h; row++) {
+        if (row >= 2 * pool_h) {
+            memset(image + (size_t)(row * w * c) * elem, 0, (size_t)(w * c) * elem);
+        } else if (w > 2 * pool_w) {
+            const size_t from = (size_t)((row * w + 2 * pool_w) * c) * elem;
+            memset(image + from, 0, (size_t)((w - 2 * pool_w) * c) * elem);
+        }
+    }
+}
+
+/* Each window's gradient goes to its winning position and zero to the other three: every input
+ * pixel is written once, each pooled value and window position read once. */
 static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax, int64_t b0,
                           int64_t b1, int h, int w, int c, int pool_h, int pool_w, void *grad_x) {
     const int whole = c / LANES * LANES;
     for (int64_t b = b0; b < b1; b++) {
-        for (int row = 0; row < h; row++) {
-            for (int col = 0; col < w; col++) {
-                const int64_t to = ((b * h + row) * w + col) * c;
-                const int i = row >> 1, j = col >> 1;
-                if (i >= pool_h || j >= pool_w) { /* dropped by 'valid' pooling */
-                    memset((char *)grad_x + to * (is_bf16 ? 2 : 4), 0,
-                           (size_t)c * (is_bf16 ? 2 : 4));
-                    continue;
+        zero_dropped(is_bf16, b, h, w, c, pool_h, pool_w, grad_x);
+        for (int i = 0; i < pool_h; i++) {
+            for (int j = 0; j < pool_w; j++) {
+                int64_t to[4];
+                int valid[4];
+                for (int p = 0; p < 4; p++) {
+                    const int row = 2 * i + (p >> 1), col = 2 * j + (p & 1);
+                    valid[p] = row < h && col < w; /* 'same' pooling clips the window */
+                    to[p] = ((b * h + row) * w + col) * c;
                 }
-                const int p = (row & 1) * 2 + (col & 1);
                 const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
                 for (int c0 = 0; c0 < whole; c0 += LANES) {
-                    vi arg;
-                    for (int k = 0; k < LANES; k++) arg[k] = argmax[at + c0 + k];
+                    const vi arg = load_bytes(argmax + at + c0);
                     const vf g = load_any(grad_y, at + c0, is_bf16);
-                    store_any(grad_x, to + c0, is_bf16, select_f(arg == p, g, (vf){0}));
+                    for (int p = 0; p < 4; p++)
+                        if (valid[p])
+                            store_any(grad_x, to[p] + c0, is_bf16, select_f(arg == p, g, (vf){0}));
                 }
                 for (int k = whole; k < c; k++) {
-                    const float g = argmax[at + k] == p ? load_one(grad_y, at + k, is_bf16) : 0.0f;
-                    store_one(grad_x, to + k, is_bf16, g);
+                    const float g = load_one(grad_y, at + k, is_bf16);
+                    for (int p = 0; p < 4; p++)
+                        if (valid[p])
+                            store_one(grad_x, to[p] + k, is_bf16, argmax[at + k] == p ? g : 0.0f);
                 }
             }
         }
@@ -557,20 +585,12 @@ INLINE void philox(vu counter, uint32_t counter_hi, uint64_t seed, vu out[4]) {
     out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
 }
 
-INLINE vf load_vec(const void *p, int64_t at, int is_bf16) {
-    if (!is_bf16) return load((const float *)p + at);
-    vi bits;
-    for (int k = 0; k < LANES; k++) bits[k] = (int32_t)((const uint16_t *)p)[at + k] << 16;
-    return (vf)bits;
-}
-
-INLINE void store_vec(void *p, int64_t at, int is_bf16, vf v) {
-    if (!is_bf16) {
+/* Stores v rounded to nearest even in bfloat16. */
+INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
+    if (is_bf16)
+        store_bf16_bits((uint16_t *)p + at, to_bf16(v));
+    else
         store((float *)p + at, v);
-        return;
-    }
-    const vi bits = to_bf16(v);
-    for (int k = 0; k < LANES; k++) ((uint16_t *)p)[at + k] = (uint16_t)bits[k];
 }
 
 static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64_t first,
@@ -586,7 +606,7 @@ static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64
             const vf factor = select_f((vi)(number >= drop_below), (vf){0} + scale, (vf){0});
             const int64_t at = block * BLOCK + part * LANES;
             if (at + LANES <= n) {
-                store_vec(y, at, is_bf16, load_vec(x, at, is_bf16) * factor);
+                store_rounded(y, at, is_bf16, load_any(x, at, is_bf16) * factor);
                 continue;
             }
             for (int k = 0; at + k < n && k < LANES; k++) {
