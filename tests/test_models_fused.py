@@ -344,13 +344,44 @@ def raw_dropout(x: torch.Tensor, p: float, seed: int, threads: int = 1) -> torch
     return y[: x.numel()]
 
 
-def test_dropout_draws_philox4x32_10s_published_numbers(kernels):
-    # Random123's known answer for counter 0 and key 0: 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
-    # Element 16 * k of the first block takes the k-th 16-bit half (low half first).
-    halves = [0xE8D5, 0x6627, 0xC58D, 0xE169, 0xAC4C, 0xBC57, 0xDBD8, 0x9B00]
-    for threshold in (30000, 50000, 57000):
-        y = raw_dropout(torch.ones(128), threshold / 65536, seed=0)
-        assert (y[::16] != 0).tolist() == [half >= threshold for half in halves]
+def philox4x32_10(counter: tuple[int, ...], key: tuple[int, int]) -> tuple[int, ...]:
+    """Philox4x32-10 in plain Python (Salmon et al., SC 2011): the reference for the kernel."""
+    mask = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+def test_the_reference_philox_gives_random123s_published_numbers():
+    ones = 0xFFFFFFFF
+    assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert philox4x32_10((ones,) * 4, (ones, ones)) == (
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    )
+    assert philox4x32_10(
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)
+    ) == (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+
+
+@pytest.mark.parametrize("seed", [0, 0x0123456789ABCDEF, 2**63 - 1])
+def test_dropout_keeps_what_philox_draws_for_each_element(kernels, seed):
+    # Element e: block e // 128; lane e % 16 takes counter block * 16 + lane; part (e % 128) // 16
+    # takes the low (even part) or high half of word part // 2; kept when that half >= p * 65536.
+    n, threshold = 300, 40000
+    kept = raw_dropout(torch.ones(n), threshold / 65536, seed=seed) != 0
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    for e in range(n):
+        block, lane, part = e // 128, e % 16, (e % 128) // 16
+        words = philox4x32_10((block * 16 + lane, 0, 0, 0), key)
+        half = (words[part // 2] >> (16 * (part % 2))) & 0xFFFF
+        assert bool(kept[e]) == (half >= threshold), e
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
