@@ -197,12 +197,20 @@ def busy_neighbour(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return threads_set
 
 
+def train_beside_a_busy_neighbour(
+    config: RunConfig, threads: int, monkeypatch: pytest.MonkeyPatch, caplog
+) -> list[int]:
+    """One epoch with `threads` while every reading finds all cores busy; the counts set."""
+    threads_seen = busy_neighbour(monkeypatch)
+    caplog.set_level(logging.INFO, logger="cnnlab.training.cores")
+    train_run(config.with_overrides({"train.epochs": 1, "train.threads": threads}))
+    return threads_seen
+
+
 def test_training_with_auto_threads_moves_aside_for_other_processes(
     digits_config: RunConfig, monkeypatch, caplog, restore_threads
 ) -> None:
-    threads_seen = busy_neighbour(monkeypatch)
-    caplog.set_level(logging.INFO, logger="cnnlab.training.cores")
-    train_run(digits_config.with_overrides({"train.epochs": 1, "train.threads": 0}))
+    threads_seen = train_beside_a_busy_neighbour(digits_config, 0, monkeypatch, caplog)
     if usable_cores() > 1:
         assert 1 in threads_seen and "training on 1 thread" in caplog.text
     assert threads_seen[-1] == usable_cores()  # all cores again after training
@@ -211,7 +219,5 @@ def test_training_with_auto_threads_moves_aside_for_other_processes(
 def test_a_fixed_thread_count_is_kept(
     digits_config: RunConfig, monkeypatch, caplog, restore_threads
 ) -> None:
-    threads_seen = busy_neighbour(monkeypatch)
-    caplog.set_level(logging.INFO, logger="cnnlab.training.cores")
-    train_run(digits_config.with_overrides({"train.epochs": 1, "train.threads": 3}))
+    threads_seen = train_beside_a_busy_neighbour(digits_config, 3, monkeypatch, caplog)
     assert set(threads_seen) == {3} and "training on" not in caplog.text

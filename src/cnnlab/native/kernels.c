@@ -414,6 +414,17 @@ INLINE void store_one(void *p, int64_t at, int is_bf16, float value) {
     ((uint16_t *)p)[at] = (uint16_t)(bits >> 16);
 }
 
+/* Where the four pixels of window (i, j) of image b start, and which of them lie inside the
+ * input ('same' pooling clips the window at the bottom and right edges). */
+INLINE void window_pixels(int64_t b, int i, int j, int h, int w, int c, int64_t at[4],
+                          int valid[4]) {
+    for (int p = 0; p < 4; p++) {
+        const int row = 2 * i + (p >> 1), col = 2 * j + (p & 1);
+        valid[p] = row < h && col < w;
+        at[p] = ((b * h + row) * w + col) * c;
+    }
+}
+
 static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int h, int w, int c,
                         int pool_h, int pool_w, void *y, uint8_t *argmax) {
     const int whole = c / LANES * LANES;
@@ -422,11 +433,7 @@ static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int 
             for (int j = 0; j < pool_w; j++) {
                 int64_t from[4];
                 int valid[4];
-                for (int p = 0; p < 4; p++) {
-                    const int row = 2 * i + (p >> 1), col = 2 * j + (p & 1);
-                    valid[p] = row < h && col < w;
-                    from[p] = ((b * h + row) * w + col) * c;
-                }
+                window_pixels(b, i, j, h, w, c, from, valid);
                 const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
                 for (int c0 = 0; c0 < whole; c0 += LANES) {
                     vf best = load_any(x, from[0] + c0, is_bf16);
@@ -483,11 +490,7 @@ static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax
             for (int j = 0; j < pool_w; j++) {
                 int64_t to[4];
                 int valid[4];
-                for (int p = 0; p < 4; p++) {
-                    const int row = 2 * i + (p >> 1), col = 2 * j + (p & 1);
-                    valid[p] = row < h && col < w; /* 'same' pooling clips the window */
-                    to[p] = ((b * h + row) * w + col) * c;
-                }
+                window_pixels(b, i, j, h, w, c, to, valid);
                 const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
                 for (int c0 = 0; c0 < whole; c0 += LANES) {
                     const vi arg = load_bytes(argmax + at + c0);
