@@ -21,6 +21,7 @@ from cnnlab.training.cores import (
     threads_for,
     usable_cores,
 )
+from cnnlab.training.loop import Callback
 from cnnlab.training.run import train_run
 
 HZ = cores.os.sysconf("SC_CLK_TCK")
@@ -221,3 +222,19 @@ def test_a_fixed_thread_count_is_kept(
 ) -> None:
     threads_seen = train_beside_a_busy_neighbour(digits_config, 3, monkeypatch, caplog)
     assert set(threads_seen) == {3} and "training on" not in caplog.text
+
+
+def test_cores_come_back_when_training_fails(
+    digits_config: RunConfig, monkeypatch, caplog, restore_threads
+) -> None:
+    class FailOnThirdBatch(Callback):
+        def on_batch_end(self, trainer, logs) -> None:
+            if logs["batch"] == 3:
+                raise RuntimeError("boom")
+
+    busy_neighbour(monkeypatch)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_run(
+            digits_config.with_overrides({"train.threads": 0}), callbacks=[FailOnThirdBatch()]
+        )
+    assert torch.get_num_threads() == usable_cores()

@@ -207,8 +207,11 @@ def train_run(
             trainer.state.epoch + 1,
             trainer.state.step_in_epoch,
         )
-    with stop_on_sigint(trainer):
-        trainer.fit()
+    try:
+        with stop_on_sigint(trainer):
+            trainer.fit()
+    finally:  # an error mid-epoch skips on_train_end: the governor's cores come back here
+        configure_threads(config.train.threads)
     finished = bool(trainer.state.stop_reason) or trainer.state.epoch >= config.train.epochs
     if trainer.stop_requested and not finished:
         save_checkpoint(run_dir / LAST_CHECKPOINT, trainer.state_dict())
