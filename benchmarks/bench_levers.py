@@ -2,6 +2,7 @@
 
 Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 images):
   - activation after the pool + fused Adam, against Keras' order + foreach Adam
+  - dropout in C (a Philox mask drawn and applied in one pass), against torch.rand masks
   - dropout masks from torch.rand, against nn.Dropout (bernoulli_)
   - channels_last, against contiguous NCHW
   - GlobalMaxPooling2D as adaptive_max_pool2d, against amax
@@ -52,6 +53,7 @@ def variant(
     keras_order: bool = False,
     foreach: bool = False,
     bernoulli: bool = False,
+    rand_dropout: bool = False,
     nchw: bool = False,
     amax: bool = False,
     trained_stem: bool = False,
@@ -77,6 +79,10 @@ def variant(
         for name, module in list(stepper.model.layers.named_children()):
             if isinstance(module, KerasDropout):
                 setattr(stepper.model.layers, name, nn.Dropout(module.p))
+    if rand_dropout:  # KerasDropout's path where the C kernels are not built
+        for module in stepper.model.modules():
+            if isinstance(module, KerasDropout):
+                module.forward = functools.partial(rand_dropout_forward, module)  # type: ignore[method-assign]
     if amax:
         for module in stepper.model.modules():
             if isinstance(module, GlobalPool2D) and module.mode == "max":
@@ -84,6 +90,12 @@ def variant(
     if foreach:
         stepper.optimizer = torch.optim.Adam(stepper.model.parameters(), lr=1e-3, foreach=True)
     return stepper
+
+
+def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
+    if not module.training:
+        return x
+    return x * (torch.rand(x.shape) >= module.p) * (1.0 / (1.0 - module.p))
 
 
 def interleaved_ms(
@@ -106,7 +118,8 @@ def interleaved_ms(
 def training_rows(preset: str, rounds: int) -> list[list[str]]:
     pairs = [
         ("activation after pool + fused Adam", {}, {"keras_order": True, "foreach": True}),
-        ("dropout masks from torch.rand", {}, {"bernoulli": True}),
+        ("dropout in C", {}, {"rand_dropout": True}),
+        ("dropout masks from torch.rand", {"rand_dropout": True}, {"bernoulli": True}),
         ("channels_last", {}, {"nchw": True}),
         ("global max pool by adaptive_max_pool2d", {}, {"amax": True}),
         ("frozen whitening conv, no BatchNorm, as first block", {}, {"trained_stem": True}),
