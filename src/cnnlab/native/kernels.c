@@ -87,7 +87,9 @@ INLINE int padded_cols(const Geometry *g) {
     return (g->conv_w > 2 * g->pool_w ? g->conv_w : 2 * g->pool_w) + g->kw - 1;
 }
 
-/* This thread's share [b0, b1) of a batch split over an OpenMP team (all of it without one). */
+/* This thread's share [b0, b1) of a batch split over an OpenMP team (all of it without one, or in
+ * a team of one: the parallel regions below run on the calling thread alone when their `if`
+ * clause is false, as for one thread). */
 static void share(int64_t batch, int64_t *b0, int64_t *b1) {
 #ifdef _OPENMP
     const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
@@ -254,9 +256,8 @@ int conv_pool_forward(const Geometry *g, const float *x, const float *w, const f
                       int64_t batch, void *y, int32_t y_is_bf16, uint8_t *argmax,
                       int32_t threads) {
     if (g->kh * g->kw * g->in_c > MAX_TAPS) return -1;
-    if (threads <= 1) return forward_images(g, x, w, bias, 0, batch, y, y_is_bf16, argmax);
     int status = 0;
-#pragma omp parallel num_threads(threads) reduction(min : status)
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
     {
         int64_t b0, b1;
         share(batch, &b0, &b1);
@@ -513,11 +514,7 @@ static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax
 int max_pool_forward(const void *x, int32_t is_bf16, int64_t batch, int32_t h, int32_t w,
                      int32_t c, int32_t pool_h, int32_t pool_w, void *y, uint8_t *argmax,
                      int32_t threads) {
-    if (threads <= 1) {
-        pool_images(x, is_bf16, 0, batch, h, w, c, pool_h, pool_w, y, argmax);
-        return 0;
-    }
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t b0, b1;
         share(batch, &b0, &b1);
@@ -529,11 +526,7 @@ int max_pool_forward(const void *x, int32_t is_bf16, int64_t batch, int32_t h, i
 int max_pool_backward(const void *grad_y, int32_t is_bf16, const uint8_t *argmax, int64_t batch,
                       int32_t h, int32_t w, int32_t c, int32_t pool_h, int32_t pool_w,
                       void *grad_x, int32_t threads) {
-    if (threads <= 1) {
-        unpool_images(grad_y, is_bf16, argmax, 0, batch, h, w, c, pool_h, pool_w, grad_x);
-        return 0;
-    }
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t b0, b1;
         share(batch, &b0, &b1);
@@ -631,11 +624,7 @@ int dropout(const void *x, void *y, int32_t is_bf16, int64_t n, float p, uint64_
     const uint32_t drop_below = (uint32_t)((double)p * 65536.0 + 0.5);
     const float scale = (float)(65536.0 / (65536.0 - drop_below)); /* the exact keep rate */
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    if (threads <= 1 || blocks < 2) {
-        dropout_blocks(x, y, is_bf16, n, 0, blocks, drop_below, scale, seed);
-        return 0;
-    }
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         int64_t first, last;
         share(blocks, &first, &last);
