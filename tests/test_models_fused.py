@@ -23,11 +23,39 @@ property_settings = settings(
 )
 
 
-@pytest.fixture
-def kernels():
-    """The compiled kernels (built into the test's cache folder); skips where none can be built."""
-    if native.library() is None:
-        pytest.skip("no C compiler here: the kernels cannot be built")
+def has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kernels_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache folder for the kernel builds of this session: each is compiled once."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernels(request, kernels_cache, monkeypatch: pytest.MonkeyPatch):
+    """The compiled kernels; skips where none can be built. Every test runs twice on an AVX-512
+    CPU: with the AVX-512 code paths and with the portable ones that other CPUs take (built with
+    -mno-avx512f)."""
+    portable = request.param == "portable"
+    if portable and not has_avx512():
+        pytest.skip("no AVX-512 here: the native build already takes the portable paths")
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(kernels_cache))
+    if portable:
+        monkeypatch.setenv("CNNLAB_CFLAGS", "-mno-avx512f")
+    native.library.cache_clear()
+    try:
+        if native.library() is None:
+            pytest.skip("no C compiler here: the kernels cannot be built")
+        yield
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
 
 
 @pytest.fixture
@@ -97,7 +125,7 @@ def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = Fals
     in_c=st.integers(1, 4),
     height=st.integers(3, 13),
     width=st.integers(3, 13),
-    filters=st.integers(1, 40),
+    filters=st.sampled_from([8, 16, 32]) | st.integers(1, 40),  # 8: two windows a vector
     kh=st.integers(1, 5),
     kw=st.integers(1, 5),
     padding=st.sampled_from(["valid", "same"]),

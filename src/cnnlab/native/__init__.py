@@ -5,7 +5,9 @@ about a second with `-O3 -march=native -fopenmp` into a cache folder and reused 
 source, the compiler and the CPU stay the same. OpenMP makes it share PyTorch's libgomp and
 its threads; a compiler without OpenMP gets a single-threaded build. Every caller keeps a
 PyTorch fallback, taken when `library()` returns None: no C compiler (set `CC` to pick one),
-a failed build, or `CNNLAB_NATIVE=0` in the environment.
+a failed build, or `CNNLAB_NATIVE=0` in the environment. `CNNLAB_CFLAGS` adds compiler flags
+after the usual ones: the tests build with `-mno-avx512f` to check the portable code paths of
+an AVX-512 CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -95,7 +98,7 @@ def _compile(compiler: str, flags: list[str], output: str) -> None:
     )
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, extra_flags: tuple[str, ...]) -> None:
     """Compile SOURCE into target atomically (concurrent builders each write a temporary file
     and the last rename wins, so a reader never sees a half-written library); with OpenMP
     where the compiler has it, else single-threaded."""
@@ -104,10 +107,10 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         try:
-            _compile(compiler, [*FLAGS, OPENMP], tmp)
+            _compile(compiler, [*FLAGS, *extra_flags, OPENMP], tmp)
         except subprocess.CalledProcessError:
             log.info("%s has no OpenMP: building cnnlab's C kernels single-threaded", compiler)
-            _compile(compiler, list(FLAGS), tmp)
+            _compile(compiler, [*FLAGS, *extra_flags], tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -150,14 +153,16 @@ def library() -> ctypes.CDLL | None:
         log.info("no C compiler found (set CC): using PyTorch for the fused conv-pool block")
         return None
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join([*FLAGS, OPENMP]).encode()):
+    extra_flags = tuple(shlex.split(os.environ.get("CNNLAB_CFLAGS", "")))
+    flags = " ".join([*FLAGS, *extra_flags, OPENMP])
+    for part in (SOURCE.read_bytes(), compiler.encode(), flags.encode()):
         key.update(part)
     key.update(_cpu_signature().encode())
     target = cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
     with _build_lock:
         try:
             if not target.exists():
-                _build(compiler, target)
+                _build(compiler, target, extra_flags)
             return _load(target)
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", "") or str(error)

@@ -42,6 +42,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 #define MAX_TAPS 128
@@ -66,19 +69,99 @@ INLINE vf load(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void store(float *p, vf v) { *(vf_unaligned *)p = v; }
 INLINE vf select_f(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 INLINE vi select_i(vi mask, vi yes, vi no) { return (mask & yes) | (~mask & no); }
-/* bfloat16 bits (the upper half of a float32's) to and from LANES lanes, and window positions. */
+
+/* Lane masks for the max-pool comparisons. With AVX-512 they live in mask registers: built
+ * with GCC's vector compares they would be vectors, moved in and out of mask registers at every
+ * select, and the window maximum of the first block took as long as its convolution. */
+#ifdef __AVX512F__
+typedef __mmask16 lanes_mask;
+/* value beats best: greater, or NaN (as in torch.max_pool2d: the first maximum wins, NaN wins) */
+INLINE lanes_mask beats(vf value, vf best) {
+    return _mm512_cmp_ps_mask((__m512)value, (__m512)best, _CMP_GT_OQ) |
+           _mm512_cmp_ps_mask((__m512)value, (__m512)value, _CMP_UNORD_Q);
+}
+INLINE lanes_mask not_positive(vf value) {
+    return _mm512_cmp_ps_mask((__m512)value, _mm512_setzero_ps(), _CMP_LE_OQ);
+}
+INLINE lanes_mask lanes_equal(vi a, int value) {
+    return _mm512_cmpeq_epi32_mask((__m512i)a, _mm512_set1_epi32(value));
+}
+INLINE vf pick_f(lanes_mask mask, vf yes, vf no) {
+    return (vf)_mm512_mask_mov_ps((__m512)no, mask, (__m512)yes);
+}
+INLINE vi pick_i(lanes_mask mask, vi yes, vi no) {
+    return (vi)_mm512_mask_mov_epi32((__m512i)no, mask, (__m512i)yes);
+}
+#else
+typedef vi lanes_mask;
+INLINE lanes_mask beats(vf value, vf best) { return (value > best) | (value != value); }
+INLINE lanes_mask not_positive(vf value) { return value <= (vf){0}; }
+INLINE lanes_mask lanes_equal(vi a, int value) { return a == value; }
+INLINE vf pick_f(lanes_mask mask, vf yes, vf no) { return select_f(mask, yes, no); }
+INLINE vi pick_i(lanes_mask mask, vi yes, vi no) { return select_i(mask, yes, no); }
+#endif
+/* bfloat16 bits (the upper half of a float32's) to and from LANES lanes, and window positions.
+ * GCC 12 turns these widening and narrowing conversions into lane-by-lane moves through the
+ * stack, so AVX-512 builds use its one-instruction widening loads and narrowing stores. */
+#ifdef __AVX512F__
 INLINE vf load_bf16(const uint16_t *p) {
-    return (vf)(__builtin_convertvector(*(const vh_unaligned *)p, vi) << 16);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+}
+INLINE vi load_bytes(const uint8_t *p) {
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
 }
 INLINE void store_bf16_bits(uint16_t *p, vi bits) {
-    *(vh_unaligned *)p = __builtin_convertvector(bits, vh_unaligned);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16((__m512i)bits));
+}
+INLINE void store_bytes(uint8_t *p, vi bytes) {
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8((__m512i)bytes));
+}
+#else
+INLINE vf load_bf16(const uint16_t *p) {
+    return (vf)(__builtin_convertvector(*(const vh_unaligned *)p, vi) << 16);
 }
 INLINE vi load_bytes(const uint8_t *p) {
     return __builtin_convertvector(*(const vb_unaligned *)p, vi);
 }
+INLINE void store_bf16_bits(uint16_t *p, vi bits) {
+    *(vh_unaligned *)p = __builtin_convertvector(bits, vh_unaligned);
+}
 INLINE void store_bytes(uint8_t *p, vi bytes) {
     *(vb_unaligned *)p = __builtin_convertvector(bytes, vb_unaligned);
 }
+#endif
+/* float32 or bfloat16 values at p[at], LANES at a time or one at a time. */
+INLINE vf load_any(const void *p, int64_t at, int is_bf16) {
+    return is_bf16 ? load_bf16((const uint16_t *)p + at) : load((const float *)p + at);
+}
+
+/* Stores v exactly: in bfloat16, values that came from bfloat16 need no rounding. */
+INLINE void store_any(void *p, int64_t at, int is_bf16, vf v) {
+    if (is_bf16)
+        store_bf16_bits((uint16_t *)p + at, ((vi)v >> 16) & 0xffff);
+    else
+        store((float *)p + at, v);
+}
+
+/* The scalar versions, for the channels after the last whole block of LANES. */
+INLINE float load_one(const void *p, int64_t at, int is_bf16) {
+    if (!is_bf16) return ((const float *)p)[at];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[at] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+INLINE void store_one(void *p, int64_t at, int is_bf16, float value) {
+    if (!is_bf16) {
+        ((float *)p)[at] = value;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    ((uint16_t *)p)[at] = (uint16_t)(bits >> 16);
+}
+
 INLINE int padded(int out_c) { return (out_c + LANES - 1) / LANES * LANES; }
 INLINE int padded_rows(const Geometry *g) {
     return (g->conv_h > 2 * g->pool_h ? g->conv_h : 2 * g->pool_h) + g->kh - 1;
@@ -132,27 +215,74 @@ static int64_t pad_image(const Geometry *g, const float *xb, float *buf) {
 /* ---------------------------------------------------------------------------------------- */
 /* Forward                                                                                   */
 
-/* The conv outputs at the four positions of the window whose top-left input is `corner`, for
- * BLOCKS blocks of LANES channels from w (already offset to the first channel). */
-INLINE void window(const int kh, const int kw, const int in_c, const float *corner, int64_t row,
-                   const float *w, const float *bias, int out_c_pad, const int blocks,
-                   vf acc[2][4]) {
+/* The conv outputs at the four positions of COUNT windows side by side (window n's top-left
+ * input at corner + 2n * in_c), for BLOCKS blocks of LANES channels from w (already offset to
+ * the first channel). Two windows at a time share each weight load and give the FMAs sixteen
+ * independent sums to overlap. */
+INLINE void windows(const int kh, const int kw, const int in_c, const float *corner, int64_t row,
+                    const float *w, const float *bias, int out_c_pad, const int blocks,
+                    const int count, vf acc[2][2][4]) {
     const int row_taps = kw * in_c;
     for (int q = 0; q < blocks; q++) {
         const vf start = bias ? load(bias + q * LANES) : (vf){0};
-        for (int p = 0; p < 4; p++) acc[q][p] = start;
+        for (int n = 0; n < count; n++)
+            for (int p = 0; p < 4; p++) acc[n][q][p] = start;
     }
     for (int ky = 0; ky < kh; ky++) {
         const float *top = corner + ky * row, *bottom = top + row;
         const float *wk = w + (int64_t)ky * row_taps * out_c_pad;
         for (int k = 0; k < row_taps; k++, wk += out_c_pad) {
-            const float x0 = top[k], x1 = top[k + in_c], x2 = bottom[k], x3 = bottom[k + in_c];
-            for (int q = 0; q < blocks; q++) {
-                const vf weight = load(wk + q * LANES);
-                acc[q][0] += x0 * weight;
-                acc[q][1] += x1 * weight;
-                acc[q][2] += x2 * weight;
-                acc[q][3] += x3 * weight;
+            vf weight[2];
+            for (int q = 0; q < blocks; q++) weight[q] = load(wk + q * LANES);
+            for (int n = 0; n < count; n++) {
+                const int o = k + 2 * n * in_c;
+                const float x0 = top[o], x1 = top[o + in_c], x2 = bottom[o], x3 = bottom[o + in_c];
+                for (int q = 0; q < blocks; q++) {
+                    acc[n][q][0] += x0 * weight[q];
+                    acc[n][q][1] += x1 * weight[q];
+                    acc[n][q][2] += x2 * weight[q];
+                    acc[n][q][3] += x3 * weight[q];
+                }
+            }
+        }
+    }
+}
+
+/* Convolutions with HALF output channels (8, as in the `tiny` preset) would leave half of every
+ * vector idle. Instead two neighbouring windows share each vector: window j in the low HALF
+ * lanes, window j + 1 in the high ones, against weights laid out twice over ("spread": [kh][kw]
+ * [in_c][LANES], each tap's HALF weights in both halves). Their outputs then lie side by side
+ * in y, so one store writes both. */
+#define HALF (LANES / 2)
+
+/* low in lanes [0, HALF), high in [HALF, LANES) */
+INLINE vf halves(float low, float high) {
+#ifdef __AVX512F__
+    return (vf)_mm512_mask_broadcastss_ps(_mm512_set1_ps(low), 0xff00, _mm_set_ss(high));
+#else
+    const vi upper = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+    return select_f(upper, (vf){0} + high, (vf){0} + low);
+#endif
+}
+
+/* Each tap's weights for HALF channels, from w ([taps][out_c_pad]) into both halves of spread. */
+static void spread_weights(const float *w, int taps, int out_c_pad, float *spread) {
+    for (int t = 0; t < taps; t++)
+        for (int c = 0; c < LANES; c++) spread[t * LANES + c] = w[t * out_c_pad + c % HALF];
+}
+
+/* The four positions' conv outputs of windows j and j + 1 (corner is window j's), packed. */
+INLINE void window_pair_packed(const int kh, const int kw, const int in_c, const float *corner,
+                               int64_t row, const float *spread, const float *bias_spread,
+                               vf acc[4]) {
+    const vf start = bias_spread ? load(bias_spread) : (vf){0};
+    for (int p = 0; p < 4; p++) acc[p] = start;
+    for (int ky = 0; ky < kh; ky++) {
+        for (int k = 0; k < kw * in_c; k++) {
+            const vf weight = load(spread + (ky * kw * in_c + k) * LANES);
+            for (int p = 0; p < 4; p++) {
+                const float *at = corner + (ky + (p >> 1)) * row + k + (p & 1) * in_c;
+                acc[p] += halves(at[0], at[2 * in_c]) * weight;
             }
         }
     }
@@ -166,14 +296,14 @@ INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int l
     vi arg = (vi){0};
     for (int p = 1; p < 4; p++) {
         if (!valid[p]) continue;
-        const vi wins = (acc[p] > best) | (acc[p] != acc[p]);
-        best = select_f(wins, acc[p], best);
-        if (track) arg = select_i(wins, (vi){0} + p, arg);
+        const lanes_mask wins = beats(acc[p], best);
+        best = pick_f(wins, acc[p], best);
+        if (track) arg = pick_i(wins, (vi){0} + p, arg);
     }
     if (g->relu) { /* NaN stays NaN and keeps its gradient */
-        const vi dead = best <= (vf){0};
-        best = select_f(dead, (vf){0}, best);
-        if (track) arg = select_i(dead, (vi){0} + NO_GRADIENT, arg);
+        const lanes_mask dead = not_positive(best);
+        best = pick_f(dead, (vf){0}, best);
+        if (track) arg = pick_i(dead, (vi){0} + NO_GRADIENT, arg);
     }
     if (y_is_bf16) {
         const vi half = to_bf16(best);
@@ -195,40 +325,71 @@ INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int l
     }
 }
 
+/* Which of the four positions of window (i, j) lie inside the conv output. */
+INLINE void window_valid(const Geometry *g, int i, int j, int valid[4]) {
+    const int valid_row = 2 * i + 1 < g->conv_h, valid_col = 2 * j + 1 < g->conv_w;
+    valid[0] = 1;
+    valid[1] = valid_col;
+    valid[2] = valid_row;
+    valid[3] = valid_row && valid_col;
+}
+
 /* Images [b0, b1) of the batch; kh, kw and in_c are g's, passed apart so that callers can
  * make them constants the compiler unrolls (see SHAPED). */
 INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
                           const float *x, const float *w, const float *bias, int64_t b0,
                           int64_t b1, void *y, int y_is_bf16, uint8_t *argmax) {
-    const int out_c = g->out_c, out_c_pad = padded(out_c);
+    const int out_c = g->out_c, out_c_pad = padded(out_c), packed = out_c == HALF;
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
     const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    float spread[MAX_TAPS * LANES], bias_spread[LANES];
+    if (packed) {
+        spread_weights(w, kh * kw * in_c, out_c_pad, spread);
+        if (bias) spread_weights(bias, 1, out_c_pad, bias_spread);
+    }
     float *buf = padded_buffer(g);
     if (!buf) return -2;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t row = pad_image(g, x + b * image, buf);
         for (int i = 0; i < g->pool_h; i++) {
-            const int valid_row = 2 * i + 1 < g->conv_h;
-            for (int j = 0; j < g->pool_w; j++) {
-                const int valid_col = 2 * j + 1 < g->conv_w;
-                const int valid[4] = {1, valid_col, valid_row, valid_row && valid_col};
+            for (int j = 0; j < g->pool_w; j += 2) {
+                const int count = j + 1 < g->pool_w ? 2 : 1;
+                int valid[2][4];
+                for (int n = 0; n < count; n++) window_valid(g, i, j + n, valid[n]);
                 const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
                 const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                if (packed && count == 2 && valid[1][3]) { /* both windows whole */
+                    vf acc[4];
+                    window_pair_packed(kh, kw, in_c, corner, row, spread,
+                                       bias ? bias_spread : NULL, acc);
+                    if (argmax)
+                        finish(g, acc, valid[1], LANES, y, at, y_is_bf16, argmax, 1);
+                    else
+                        finish(g, acc, valid[1], LANES, y, at, y_is_bf16, NULL, 0);
+                    continue;
+                }
                 for (int c0 = 0; c0 < out_c_pad; c0 += 2 * LANES) {
-                    vf acc[2][4];
+                    vf acc[2][2][4];
                     const float *bias_c = bias ? bias + c0 : NULL;
                     const int pair = c0 + LANES < out_c_pad;
-                    if (pair)
-                        window(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 2, acc);
+                    if (pair && count == 2)
+                        windows(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 2, 2, acc);
+                    else if (pair)
+                        windows(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 2, 1, acc);
+                    else if (count == 2)
+                        windows(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 1, 2, acc);
                     else
-                        window(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 1, acc);
-                    for (int q = 0; q <= pair; q++) {
-                        const int c = c0 + q * LANES;
-                        const int lanes = out_c - c < LANES ? out_c - c : LANES;
-                        if (argmax)
-                            finish(g, acc[q], valid, lanes, y, at + c, y_is_bf16, argmax, 1);
-                        else
-                            finish(g, acc[q], valid, lanes, y, at + c, y_is_bf16, NULL, 0);
+                        windows(kh, kw, in_c, corner, row, w + c0, bias_c, out_c_pad, 1, 1, acc);
+                    for (int n = 0; n < count; n++) {
+                        for (int q = 0; q <= pair; q++) {
+                            const int c = c0 + q * LANES;
+                            const int lanes = out_c - c < LANES ? out_c - c : LANES;
+                            const int64_t to = at + n * out_c + c;
+                            if (argmax)
+                                finish(g, acc[n][q], valid[n], lanes, y, to, y_is_bf16, argmax, 1);
+                            else
+                                finish(g, acc[n][q], valid[n], lanes, y, to, y_is_bf16, NULL, 0);
+                        }
                     }
                 }
             }
@@ -269,42 +430,65 @@ int conv_pool_forward(const Geometry *g, const float *x, const float *w, const f
 /* ---------------------------------------------------------------------------------------- */
 /* Weight gradient                                                                           */
 
-/* One block's pooled gradient, split by the window position it flows back to. */
+/* One block's pooled gradient (`lanes` values at `at`), split by the window position it flows
+ * back to; `live` is all of it that flows back at all. */
 INLINE void route(const void *grad, int grad_is_bf16, const uint8_t *argmax, int64_t at,
                   int lanes, vf routed[4], vf *live) {
-    uint32_t bits[LANES] = {0};
-    int32_t positions[LANES];
-    for (int c = 0; c < LANES; c++) positions[c] = NO_GRADIENT;
-    for (int c = 0; c < lanes; c++) {
-        if (grad_is_bf16)
-            bits[c] = (uint32_t)((const uint16_t *)grad)[at + c] << 16;
-        else
-            memcpy(&bits[c], (const float *)grad + at + c, sizeof(float));
-        positions[c] = argmax[at + c];
-    }
     vf gradient;
     vi arg;
-    memcpy(&gradient, bits, sizeof gradient);
-    memcpy(&arg, positions, sizeof arg);
-    for (int p = 0; p < 4; p++) routed[p] = select_f(arg == p, gradient, (vf){0});
-    *live = select_f(arg != NO_GRADIENT, gradient, (vf){0});
+    if (lanes == LANES) {
+        gradient = load_any(grad, at, grad_is_bf16);
+        arg = load_bytes(argmax + at);
+    } else {
+        gradient = (vf){0};
+        arg = (vi){0} + NO_GRADIENT;
+        for (int c = 0; c < lanes; c++) {
+            gradient[c] = load_one(grad, at + c, grad_is_bf16);
+            arg[c] = argmax[at + c];
+        }
+    }
+    for (int p = 0; p < 4; p++) routed[p] = pick_f(lanes_equal(arg, p), gradient, (vf){0});
+    *live = pick_f(lanes_equal(arg, NO_GRADIENT), (vf){0}, gradient);
 }
 
-/* grad_w += the four positions' input values times their routed gradients, BLOCKS blocks. */
+/* grad_w += the four positions' input values times their routed gradients, for COUNT windows
+ * side by side (as in `windows`) and BLOCKS blocks: one load and store of grad_w per tap. */
 INLINE void accumulate(const int kh, const int kw, const int in_c, const float *corner,
                        int64_t row, float *grad_w, int out_c_pad, const int blocks,
-                       const vf routed[2][4]) {
+                       const int count, const vf routed[2][2][4]) {
     const int row_taps = kw * in_c;
     for (int ky = 0; ky < kh; ky++) {
         const float *top = corner + ky * row, *bottom = top + row;
         float *dw = grad_w + (int64_t)ky * row_taps * out_c_pad;
         for (int k = 0; k < row_taps; k++, dw += out_c_pad) {
-            const float x0 = top[k], x1 = top[k + in_c], x2 = bottom[k], x3 = bottom[k + in_c];
             for (int q = 0; q < blocks; q++) {
-                const vf *r = routed[q];
-                store(dw + q * LANES,
-                      load(dw + q * LANES) + x0 * r[0] + x1 * r[1] + x2 * r[2] + x3 * r[3]);
+                vf sum = load(dw + q * LANES);
+                for (int n = 0; n < count; n++) {
+                    const int o = k + 2 * n * in_c;
+                    const vf *r = routed[n][q];
+                    sum += top[o] * r[0];
+                    sum += top[o + in_c] * r[1];
+                    sum += bottom[o] * r[2];
+                    sum += bottom[o + in_c] * r[3];
+                }
+                store(dw + q * LANES, sum);
             }
+        }
+    }
+}
+
+/* The same for windows j and j + 1 packed as in window_pair_packed, into spread weights. */
+INLINE void accumulate_packed(const int kh, const int kw, const int in_c, const float *corner,
+                              int64_t row, float *spread, const vf routed[4]) {
+    for (int ky = 0; ky < kh; ky++) {
+        for (int k = 0; k < kw * in_c; k++) {
+            float *dw = spread + (ky * kw * in_c + k) * LANES;
+            vf sum = load(dw);
+            for (int p = 0; p < 4; p++) {
+                const float *at = corner + (ky + (p >> 1)) * row + k + (p & 1) * in_c;
+                sum += halves(at[0], at[2 * in_c]) * routed[p];
+            }
+            store(dw, sum);
         }
     }
 }
@@ -314,33 +498,60 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
                               const float *x, const void *grad, int grad_is_bf16,
                               const uint8_t *argmax, int64_t b0, int64_t b1, float *grad_w,
                               float *grad_b) {
-    const int out_c = g->out_c, out_c_pad = padded(out_c);
+    const int out_c = g->out_c, out_c_pad = padded(out_c), packed = out_c == HALF;
+    const int taps = kh * kw * in_c;
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
     const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    float spread[MAX_TAPS * LANES];
+    vf spread_b = {0};
+    if (packed) memset(spread, 0, sizeof(float) * (size_t)(taps * LANES));
     float *buf = padded_buffer(g);
     if (!buf) return -2;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t row = pad_image(g, x + b * image, buf);
         for (int i = 0; i < g->pool_h; i++) {
-            for (int j = 0; j < g->pool_w; j++) {
+            for (int j = 0; j < g->pool_w; j += 2) {
+                const int count = j + 1 < g->pool_w ? 2 : 1;
                 const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
                 const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                if (packed && count == 2) {
+                    vf routed[4], live;
+                    route(grad, grad_is_bf16, argmax, at, LANES, routed, &live);
+                    spread_b += live;
+                    accumulate_packed(kh, kw, in_c, corner, row, spread, routed);
+                    continue;
+                }
                 for (int c0 = 0; c0 < out_c_pad; c0 += 2 * LANES) {
                     const int pair = c0 + LANES < out_c_pad;
-                    vf routed[2][4], live;
-                    for (int q = 0; q <= pair; q++) {
-                        const int c = c0 + q * LANES;
-                        const int lanes = out_c - c < LANES ? out_c - c : LANES;
-                        route(grad, grad_is_bf16, argmax, at + c, lanes, routed[q], &live);
-                        if (grad_b) store(grad_b + c, load(grad_b + c) + live);
+                    vf routed[2][2][4], live;
+                    for (int n = 0; n < count; n++) {
+                        for (int q = 0; q <= pair; q++) {
+                            const int c = c0 + q * LANES;
+                            const int lanes = out_c - c < LANES ? out_c - c : LANES;
+                            route(grad, grad_is_bf16, argmax, at + n * out_c + c, lanes,
+                                  routed[n][q], &live);
+                            if (grad_b) store(grad_b + c, load(grad_b + c) + live);
+                        }
                     }
-                    if (pair)
-                        accumulate(kh, kw, in_c, corner, row, grad_w + c0, out_c_pad, 2, routed);
+                    float *dw = grad_w + c0;
+                    if (pair && count == 2)
+                        accumulate(kh, kw, in_c, corner, row, dw, out_c_pad, 2, 2, routed);
+                    else if (pair)
+                        accumulate(kh, kw, in_c, corner, row, dw, out_c_pad, 2, 1, routed);
+                    else if (count == 2)
+                        accumulate(kh, kw, in_c, corner, row, dw, out_c_pad, 1, 2, routed);
                     else
-                        accumulate(kh, kw, in_c, corner, row, grad_w + c0, out_c_pad, 1, routed);
+                        accumulate(kh, kw, in_c, corner, row, dw, out_c_pad, 1, 1, routed);
                 }
             }
         }
+    }
+    if (packed) { /* fold the two windows' halves into the HALF channels */
+        for (int t = 0; t < taps; t++)
+            for (int c = 0; c < HALF; c++)
+                grad_w[t * out_c_pad + c] += spread[t * LANES + c] + spread[t * LANES + HALF + c];
+        if (grad_b)
+            for (int c = 0; c < HALF; c++) grad_b[c] += spread_b[c] + spread_b[HALF + c];
     }
     free(buf);
     return 0;
@@ -384,37 +595,6 @@ int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
 /* (the routed gradient or zero) where PyTorch zero-fills the whole input gradient first and  */
 /* scatters into it after.                                                                    */
 
-INLINE vf load_any(const void *p, int64_t at, int is_bf16) {
-    return is_bf16 ? load_bf16((const uint16_t *)p + at) : load((const float *)p + at);
-}
-
-/* Stores v exactly: in bfloat16, values that came from bfloat16 need no rounding. */
-INLINE void store_any(void *p, int64_t at, int is_bf16, vf v) {
-    if (is_bf16)
-        store_bf16_bits((uint16_t *)p + at, ((vi)v >> 16) & 0xffff);
-    else
-        store((float *)p + at, v);
-}
-
-/* The scalar versions, for the channels after the last whole block of LANES. */
-INLINE float load_one(const void *p, int64_t at, int is_bf16) {
-    if (!is_bf16) return ((const float *)p)[at];
-    const uint32_t bits = (uint32_t)((const uint16_t *)p)[at] << 16;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-INLINE void store_one(void *p, int64_t at, int is_bf16, float value) {
-    if (!is_bf16) {
-        ((float *)p)[at] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    ((uint16_t *)p)[at] = (uint16_t)(bits >> 16);
-}
-
 /* Where the four pixels of window (i, j) of image b start, and which of them lie inside the
  * input ('same' pooling clips the window at the bottom and right edges). */
 INLINE void window_pixels(int64_t b, int i, int j, int h, int w, int c, int64_t at[4],
@@ -442,9 +622,9 @@ static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int 
                     for (int p = 1; p < 4; p++) {
                         if (!valid[p]) continue;
                         const vf value = load_any(x, from[p] + c0, is_bf16);
-                        const vi wins = (value > best) | (value != value);
-                        best = select_f(wins, value, best);
-                        arg = select_i(wins, (vi){0} + p, arg);
+                        const lanes_mask wins = beats(value, best);
+                        best = pick_f(wins, value, best);
+                        arg = pick_i(wins, (vi){0} + p, arg);
                     }
                     store_any(y, at + c0, is_bf16, best);
                     store_bytes(argmax + at + c0, arg);
@@ -498,7 +678,8 @@ static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax
                     const vf g = load_any(grad_y, at + c0, is_bf16);
                     for (int p = 0; p < 4; p++)
                         if (valid[p])
-                            store_any(grad_x, to[p] + c0, is_bf16, select_f(arg == p, g, (vf){0}));
+                            store_any(grad_x, to[p] + c0, is_bf16,
+                                      pick_f(lanes_equal(arg, p), g, (vf){0}));
                 }
                 for (int k = whole; k < c; k++) {
                     const float g = load_one(grad_y, at + k, is_bf16);
