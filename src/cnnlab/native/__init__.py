@@ -162,6 +162,7 @@ def library() -> ctypes.CDLL | None:
     with _build_lock:
         try:
             if not target.exists():
+                log.info("compiling cnnlab's C kernels with %s (once per machine)", compiler)
                 _build(compiler, target, extra_flags)
             return _load(target)
         except (OSError, subprocess.SubprocessError) as error:
