@@ -405,8 +405,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads",
         type=int,
-        help="CPU threads (default 0: the cores other processes leave free, rechecked each "
-        "second; a fixed count gives bit-identical reruns on a busy machine too)",
+        help="CPU threads (default 0: the cores other processes leave free, rechecked twice "
+        "a second; a fixed count gives bit-identical reruns on a busy machine too)",
     )
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument(

@@ -109,7 +109,7 @@ class TrainConfig:
     eval_batch_size: int = 256  # 1.2-1.9x more images/s than 1024 on CPU (cache-sized batches)
     tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
     device: str = "auto"  # auto | cpu | cuda | mps
-    threads: int = 0  # CPU threads (0: the cores other processes leave free, rechecked each second)
+    threads: int = 0  # CPU threads (0: the cores other processes leave free, checked 2x a second)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
     amp: bool = True  # bf16 autocast for training and evaluation on CUDA and CPUs with AMX
