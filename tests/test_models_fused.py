@@ -475,3 +475,145 @@ def test_dropout_passes_nan_and_leaves_other_tensors_to_torch(kernels):
     layer.train()
     out = layer.layers[0](strided.reshape(1, 1, 64, 32))
     assert set(out.unique().tolist()) <= {0.0, 2.0}
+
+
+# ---------------------------------------------------------------- conv weight gradient from the
+# pooled gradient (fused.conv_then_pool, pooled_weight_grad in kernels.c)
+
+
+def run_pooled(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False):
+    """Logits, parameter gradients and the input gradient of one training pass through the
+    first Conv2D + MaxPool2D, with or without conv_then_pool (at any kw * in_channels)."""
+    model = copy.deepcopy(model)
+    leaf = x.clone().requires_grad_()
+    calls = []
+    original, fits, min_run = fused.conv_then_pool, fused.pooled_grad_fits, fused.MIN_RUN
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    fused.conv_then_pool, fused.MIN_RUN = counting, 1
+    fused.pooled_grad_fits = fits if use_kernel else (lambda *a: False)
+    torch.manual_seed(5)  # the same dropout masks in every run
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(leaf)
+        F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
+    finally:
+        fused.conv_then_pool, fused.pooled_grad_fits, fused.MIN_RUN = original, fits, min_run
+    assert bool(calls) == use_kernel, "conv_then_pool ran where it should not, or not"
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return logits.detach().float(), grads, leaf.grad
+
+
+def assert_close_grads(ours, theirs, rtol: float) -> None:
+    for name, grad in theirs.items():
+        scale = grad.abs().max().item() + 1e-6
+        assert (ours[name] - grad).abs().max().item() <= rtol * scale, name
+
+
+@property_settings
+@given(
+    in_c=st.sampled_from([8, 16, 32]) | st.integers(1, 40),
+    height=st.integers(2, 12),
+    width=st.integers(2, 12),
+    filters=st.integers(1, 20),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    padding=st.sampled_from(["valid", "same"]),
+    pool_padding=st.sampled_from(["valid", "same"]),
+    activation=st.sampled_from([None, "relu"]),
+    use_bias=st.booleans(),
+    batch=st.integers(1, 37),
+)
+def test_pooled_weight_gradient_matches_the_modules_in_fp32(
+    kernels,
+    in_c,
+    height,
+    width,
+    filters,
+    kh,
+    kw,
+    padding,
+    pool_padding,
+    activation,
+    use_bias,
+    batch,
+):
+    if padding == "valid" and (kh > height or kw > width):
+        return
+    conv_h = height if padding == "same" else height - kh + 1
+    conv_w = width if padding == "same" else width - kw + 1
+    if pool_padding == "valid" and (conv_h < 2 or conv_w < 2):
+        return
+    model = block_model(
+        (in_c, height, width), filters, (kh, kw), padding, pool_padding, activation, use_bias
+    )
+    torch.manual_seed(batch)
+    x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
+    logits, grads, grad_x = run_pooled(model, x, use_kernel=True)
+    ref_logits, ref_grads, ref_grad_x = run_pooled(model, x, use_kernel=False)
+    assert torch.equal(logits, ref_logits)
+    assert_close_grads(grads, ref_grads, rtol=1e-5)
+    assert torch.allclose(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["basic", "dropout"])
+def test_pooled_weight_gradient_under_bf16_autocast(kernels, preset):
+    torch.manual_seed(3)
+    model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(20, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    _, fp32_grads, _ = run_pooled(model, x, use_kernel=False)
+    logits, grads, grad_x = run_pooled(model, x, use_kernel=True, bf16=True)
+    ref_logits, ref_grads, ref_grad_x = run_pooled(model, x, use_kernel=False, bf16=True)
+    assert torch.equal(logits, ref_logits)  # the forward pass is PyTorch's conv and the C pool
+    assert grads["layers.conv2d_1.weight"].dtype == torch.float32
+    # oneDNN rounds its weight gradient to bf16; the kernel sums bf16 products in fp32
+    assert_close_grads(grads, ref_grads, rtol=2e-2)
+    for name, exact in fp32_grads.items():  # as close to fp32 as autocast's own gradients
+        ours, theirs = (grads[name] - exact).norm(), (ref_grads[name] - exact).norm()
+        assert ours <= 1.1 * theirs + 1e-3 * exact.norm(), name
+    assert torch.allclose(grad_x, ref_grad_x, rtol=2e-2, atol=1e-3 * ref_grad_x.abs().max())
+
+
+def test_pooled_weight_gradient_does_not_depend_on_threads(kernels):
+    torch.manual_seed(4)
+    model = build_model(preset_layers("basic", 10, (1, 28, 28)), (1, 28, 28), 10)
+    x = torch.randn(70, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one, _ = run_pooled(model, x, use_kernel=True, bf16=True)
+        torch.set_num_threads(2)
+        _, two, _ = run_pooled(model, x, use_kernel=True, bf16=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one["layers.conv2d_1.weight"], two["layers.conv2d_1.weight"])
+    assert torch.equal(one["layers.conv2d_1.bias"], two["layers.conv2d_1.bias"])
+
+
+def test_pooled_weight_gradient_runs_where_it_pays_and_only_in_training(kernels):
+    """basic's second conv (4x4 on 32 channels: 8 vectors a kernel row) takes it in training;
+    tiny's and dropout's narrower rows, evaluation, frozen convs and hooks keep the modules."""
+
+    def second_pair(preset):
+        model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
+        return model.layers[2], model.layers[3]
+
+    x = torch.randn(2, 32, 12, 12).contiguous(memory_format=torch.channels_last)
+    conv, pool = second_pair("basic")
+    assert fused.pooled_grad_fits(conv, pool, x)
+    with torch.no_grad():
+        assert not fused.pooled_grad_fits(conv, pool, x)
+    assert not fused.pooled_grad_fits(conv, pool, x.contiguous())  # not channels_last
+    handle = pool.register_forward_hook(lambda *args: None)
+    assert not fused.pooled_grad_fits(conv, pool, x)
+    handle.remove()
+    conv.requires_grad_(False)
+    assert not fused.pooled_grad_fits(conv, pool, x)
+    for preset, channels, size in (("tiny", 8, 13), ("dropout", 32, 14)):
+        conv, pool = second_pair(preset)
+        y = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+        assert not fused.pooled_grad_fits(conv, pool, y)

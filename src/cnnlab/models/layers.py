@@ -876,6 +876,13 @@ class LayerStack(nn.Sequential):
             ):
                 x = fused.conv_pool(module, following, x)
                 i += 2
+            elif (
+                isinstance(module, KerasConv2D)
+                and isinstance(following, KerasMaxPool2D)
+                and fused.pooled_grad_fits(module, following, x)
+            ):
+                x = fused.conv_then_pool(module, following, x)
+                i += 2
             else:
                 x = module(x)
                 i += 1

@@ -59,6 +59,7 @@ class ConvPoolGeometry(ctypes.Structure):
 
 LANES = 16  # LANES in kernels.c: weights and gradients have out_c rounded up to a multiple
 MAX_TAPS = 128  # MAX_TAPS in kernels.c: kh * kw * in_c at most
+MAX_RUN = 256  # MAX_RUN_VECTORS * LANES in kernels.c: kw * in_c at most, for pooled_weight_grad
 
 
 def cache_dir() -> Path:
@@ -137,6 +138,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.max_pool_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32, pointer]
     lib.max_pool_backward.argtypes += [i32]
     lib.max_pool_backward.restype = ctypes.c_int
+    # (geometry, x, x_is_bf16, grad, grad_is_bf16, argmax, batch, chunk, partial, grad_w, grad_b,
+    #  threads)
+    lib.pooled_weight_grad.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i64, i64]
+    lib.pooled_weight_grad.argtypes += [pointer, pointer, pointer, i32]
+    lib.pooled_weight_grad.restype = ctypes.c_int
     # (x, y, is_bf16, n, p, seed, threads)
     lib.dropout.argtypes = [pointer, pointer, i32, i64, ctypes.c_float, ctypes.c_uint64, i32]
     lib.dropout.restype = ctypes.c_int

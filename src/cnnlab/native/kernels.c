@@ -586,6 +586,164 @@ int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Weight gradient of a convolution followed by the 2x2 max pool, from the pooled gradient   */
+/*                                                                                           */
+/* For convolutions on many channels (oneDNN runs their forward pass and input gradient):    */
+/* each pooled gradient flows back to one conv output, its window's winner (argmax from      */
+/* max_pool_forward), so three quarters of the conv's output gradient are zero, and a zero   */
+/* pooled gradient (a ReLU after the pool that cut it) flows nowhere. oneDNN's weight        */
+/* gradient works through all of it; this kernel takes only the winners: for output channel  */
+/* c, each of its windows adds gradient * the kh x kw x in_c patch under its winner.          */
+/*                                                                                           */
+/* x is float32 or bfloat16 [batch][in_h][in_w][in_c]; grad and argmax as max_pool_forward's  */
+/* y and argmax ([batch][pool_h][pool_w][out_c]). The patch's kernel row ky is the run of      */
+/* kw * in_c values at padded-image row cy + ky, read in whole vectors: `run` is that length  */
+/* rounded up to LANES, and the extra products land in the padding of the partial gradients, */
+/* [chunks][out_c][kh][run], which the caller drops.                                         */
+
+#define MAX_RUN_VECTORS 16
+
+INLINE int run_length(const Geometry *g) {
+    return (g->kw * g->in_c + LANES - 1) / LANES * LANES;
+}
+
+/* pad_image for float32 or bfloat16 images, with `tail` zeros after the last row. */
+static int64_t pad_image_any(const Geometry *g, const void *x, int is_bf16, int64_t b, float *buf,
+                             int tail) {
+    const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
+    const int rows = padded_rows(g), cols = padded_cols(g), in_c = g->in_c;
+    const int64_t row = (int64_t)cols * in_c;
+    memset(buf + rows * row, 0, sizeof(float) * (size_t)tail);
+    if (!is_bf16) return pad_image(g, (const float *)x + b * image, buf);
+    memset(buf, 0, sizeof(float) * (size_t)(rows * row));
+    const uint16_t *xb = (const uint16_t *)x + b * image;
+    for (int y = 0; y < g->in_h && y + g->pad_top < rows; y++) {
+        const int n = (g->in_w + g->pad_left < cols ? g->in_w : cols - g->pad_left) * in_c;
+        const uint16_t *from = xb + (int64_t)y * g->in_w * in_c;
+        float *to = buf + (y + g->pad_top) * row + (int64_t)g->pad_left * in_c;
+        int k = 0;
+        for (; k + LANES <= n; k += LANES) store(to + k, load_bf16(from + k));
+        for (; k < n; k++) to[k] = load_one(from, k, 1);
+    }
+    return row;
+}
+
+/* Kernel row ky of one output channel: its partial gradient (VECTORS vectors at dw) plus each
+ * of the `count` winners' gradient times its patch row (patch[n] floats into buf), summed in
+ * registers. */
+INLINE void winners_row(const float *buf, const int32_t *patch, const float *gradient, int count,
+                        int64_t ky_offset, float *dw, const int vectors) {
+    vf acc[MAX_RUN_VECTORS];
+    for (int v = 0; v < vectors; v++) acc[v] = load(dw + v * LANES);
+    for (int n = 0; n < count; n++) {
+        const float *at = buf + patch[n] + ky_offset;
+        const float scale = gradient[n];
+        for (int v = 0; v < vectors; v++) acc[v] += scale * load(at + v * LANES);
+    }
+    for (int v = 0; v < vectors; v++) store(dw + v * LANES, acc[v]);
+}
+
+/* Output channel c's winners in image b that carry a gradient: where their patches start in
+ * the padded image, and the gradients; returns how many. Adds the gradients to *bias. */
+static int live_winners(const Geometry *g, const void *grad, int grad_is_bf16,
+                        const uint8_t *argmax, int64_t first, int c, int64_t row, int32_t *patch,
+                        float *gradient, float *bias) {
+    int count = 0;
+    float sum = 0.0f;
+    for (int i = 0; i < g->pool_h; i++) {
+        for (int j = 0; j < g->pool_w; j++) {
+            const int64_t at = first + ((int64_t)i * g->pool_w + j) * g->out_c + c;
+            const int winner = argmax[at];
+            const float value = load_one(grad, at, grad_is_bf16);
+            if (winner > 3 || value == 0.0f) continue; /* NaN goes on, as it should */
+            sum += value;
+            patch[count] = (int32_t)((2 * i + (winner >> 1)) * row +
+                                     (int64_t)(2 * j + (winner & 1)) * g->in_c);
+            gradient[count++] = value;
+        }
+    }
+    *bias += sum;
+    return count;
+}
+
+static int pooled_weight_grad_images(const Geometry *g, const void *x, int x_is_bf16,
+                                     const void *grad, int grad_is_bf16, const uint8_t *argmax,
+                                     int64_t b0, int64_t b1, float *grad_w, float *grad_b) {
+    const int run = run_length(g), vectors = run / LANES, windows = g->pool_h * g->pool_w;
+    const int64_t pooled = (int64_t)windows * g->out_c;
+    const size_t floats = (size_t)padded_rows(g) * (size_t)padded_cols(g) * (size_t)g->in_c + (size_t)run;
+    float *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    int32_t *patch = malloc(sizeof(int32_t) * (size_t)windows);
+    float *gradient = malloc(sizeof(float) * (size_t)windows);
+    float bias_unused = 0.0f;
+    int status = buf && patch && gradient ? 0 : -2;
+    for (int64_t b = b0; b < b1 && !status; b++) {
+        const int64_t row = pad_image_any(g, x, x_is_bf16, b, buf, run);
+        for (int c = 0; c < g->out_c; c++) {
+            const int count = live_winners(g, grad, grad_is_bf16, argmax, b * pooled, c, row,
+                                           patch, gradient, grad_b ? grad_b + c : &bias_unused);
+            for (int ky = 0; ky < g->kh; ky++) {
+                float *dw = grad_w + ((int64_t)c * g->kh + ky) * run;
+                switch (vectors) { /* constant counts keep the sums in registers */
+#define ROW(n)                                                                                \
+    case n: winners_row(buf, patch, gradient, count, ky * row, dw, n); break;
+                    ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+                    ROW(9) ROW(10) ROW(11) ROW(12) ROW(13) ROW(14) ROW(15) ROW(16)
+#undef ROW
+                }
+            }
+        }
+    }
+    free(buf);
+    free(patch);
+    free(gradient);
+    return status;
+}
+
+/* The weight gradient [out_c][kh][kw * in_c] (and the bias gradient, unless grad_b is NULL)
+ * of the conv under a 2x2 max pool. Chunks of `chunk` images accumulate into their own rows of
+ * `partial` ([chunks][out_c][kh][run] then [chunks][out_c], zeroed by the caller), summed in
+ * chunk order at the end, so the result does not depend on the number of threads. */
+int pooled_weight_grad(const Geometry *g, const void *x, int32_t x_is_bf16, const void *grad,
+                       int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch, int64_t chunk,
+                       float *partial, float *grad_w, float *grad_b, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
+    const int run = run_length(g);
+    if (run > MAX_RUN_VECTORS * LANES || chunk < 1) return -1;
+    const int64_t chunks = (batch + chunk - 1) / chunk;
+    const int64_t w_size = (int64_t)g->out_c * g->kh * run;
+    float *partial_b = partial + chunks * w_size;
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
+    {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < chunks; k++) {
+            const int64_t end = (k + 1) * chunk < batch ? (k + 1) * chunk : batch;
+            const int done = pooled_weight_grad_images(
+                g, x, x_is_bf16, grad, grad_is_bf16, argmax, k * chunk, end,
+                partial + k * w_size, grad_b ? partial_b + k * g->out_c : NULL);
+            status = done < status ? done : status;
+        }
+        const int64_t taps = (int64_t)g->kw * g->in_c, rows = (int64_t)g->out_c * g->kh;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *out = grad_w + r * taps;
+            memcpy(out, partial + r * run, sizeof(float) * (size_t)taps);
+            for (int64_t k = 1; k < chunks; k++) {
+                const float *from = partial + k * w_size + r * run;
+                for (int64_t t = 0; t < taps; t++) out[t] += from[t];
+            }
+        }
+    }
+    if (grad_b) {
+        memcpy(grad_b, partial_b, sizeof(float) * (size_t)g->out_c);
+        for (int64_t k = 1; k < chunks; k++)
+            for (int c = 0; c < g->out_c; c++) grad_b[c] += partial_b[k * g->out_c + c];
+    }
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* 2x2 max pooling, stride 2, on channels_last tensors                                       */
 /*                                                                                           */
 /* x [batch][h][w][c] float32 or bfloat16; y [batch][pool_h][pool_w][c], the same type; window */
