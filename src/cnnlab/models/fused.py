@@ -1,5 +1,6 @@
 """Layers in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2) in one
-kernel, MaxPool2D(2) alone in training, and Dropout.
+kernel, MaxPool2D(2) alone in training, the weight gradient of a wider Conv2D under a
+MaxPool2D(2) from the pooled gradient (`conv_then_pool`), and Dropout.
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and

@@ -1,5 +1,6 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
- * after it, and the 2x2 max pool alone with its gradient.
+ * after it, the weight gradient of a convolution under a 2x2 max pool from the pooled gradient,
+ * the 2x2 max pool alone with its gradient, and dropout.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
