@@ -4,6 +4,7 @@ case it does not accept runs the modules."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -94,26 +95,43 @@ def block_model(
     return build_model(layers, in_shape, 3)
 
 
-def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False):
-    """Logits and parameter gradients of one training pass, with or without the kernel."""
-    model = copy.deepcopy(model)
-    conv, pool = model.layers[0], model.layers[1]
-    calls = []
-    original = fused.conv_pool
+@contextlib.contextmanager
+def counted(name: str):
+    """Count the calls of fused.<name> inside the block: yields the list they append to."""
+    original, calls = getattr(fused, name), []
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
+    setattr(fused, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(fused, name, original)
+
+
+def block_is_empty(height, width, kh, kw, padding, pool_padding) -> bool:
+    """Whether such a conv, or the 2x2 pool after it, has no output at all."""
+    if padding == "valid" and (kh > height or kw > width):
+        return True
+    conv_h = height if padding == "same" else height - kh + 1
+    conv_w = width if padding == "same" else width - kw + 1
+    return pool_padding == "valid" and (conv_h < 2 or conv_w < 2)
+
+
+def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False):
+    """Logits and parameter gradients of one training pass, with or without the kernel."""
+    model = copy.deepcopy(model)
+    conv, pool = model.layers[0], model.layers[1]
     fused_ok = fused.fusable_now
-    fused.conv_pool = counting
     fused.fusable_now = (lambda *a: fused_ok(*a)) if use_kernel else (lambda *a: False)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with counted("conv_pool") as calls, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             logits = model(x)
         F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
     finally:
-        fused.conv_pool, fused.fusable_now = original, fused_ok
+        fused.fusable_now = fused_ok
     assert len(calls) == (1 if use_kernel else 0), "the kernel ran where it should not, or not"
     assert fused.fusable(conv, pool)
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -148,12 +166,8 @@ def test_kernel_matches_the_modules_in_fp32(
     use_bias,
     batch,
 ):
-    if padding == "valid" and (kh > height or kw > width):
-        return  # no conv output
-    conv_h = height if padding == "same" else height - kh + 1
-    conv_w = width if padding == "same" else width - kw + 1
-    if pool_padding == "valid" and (conv_h < 2 or conv_w < 2):
-        return  # no pool output
+    if block_is_empty(height, width, kh, kw, padding, pool_padding):
+        return
     torch.manual_seed(height * 100 + width)
     model = block_model((in_c, height, width), filters, (kh, kw), padding, pool_padding, activation, use_bias)  # fmt: skip
     x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
@@ -486,22 +500,19 @@ def run_pooled(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool
     first Conv2D + MaxPool2D, with or without conv_then_pool (at any kw * in_channels)."""
     model = copy.deepcopy(model)
     leaf = x.clone().requires_grad_()
-    calls = []
-    original, fits, min_run = fused.conv_then_pool, fused.pooled_grad_fits, fused.MIN_RUN
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    fused.conv_then_pool, fused.MIN_RUN = counting, 1
+    fits, min_run = fused.pooled_grad_fits, fused.MIN_RUN
+    fused.MIN_RUN = 1
     fused.pooled_grad_fits = fits if use_kernel else (lambda *a: False)
     torch.manual_seed(5)  # the same dropout masks in every run
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with (
+            counted("conv_then_pool") as calls,
+            torch.autocast("cpu", torch.bfloat16, enabled=bf16),
+        ):
             logits = model(leaf)
         F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
     finally:
-        fused.conv_then_pool, fused.pooled_grad_fits, fused.MIN_RUN = original, fits, min_run
+        fused.pooled_grad_fits, fused.MIN_RUN = fits, min_run
     assert bool(calls) == use_kernel, "conv_then_pool ran where it should not, or not"
     grads = {name: p.grad for name, p in model.named_parameters()}
     return logits.detach().float(), grads, leaf.grad
@@ -541,11 +552,7 @@ def test_pooled_weight_gradient_matches_the_modules_in_fp32(
     use_bias,
     batch,
 ):
-    if padding == "valid" and (kh > height or kw > width):
-        return
-    conv_h = height if padding == "same" else height - kh + 1
-    conv_w = width if padding == "same" else width - kw + 1
-    if pool_padding == "valid" and (conv_h < 2 or conv_w < 2):
+    if block_is_empty(height, width, kh, kw, padding, pool_padding):
         return
     model = block_model(
         (in_c, height, width), filters, (kh, kw), padding, pool_padding, activation, use_bias

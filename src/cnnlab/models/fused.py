@@ -124,14 +124,26 @@ def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> boo
 
 
 def _geometry(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> native.ConvPoolGeometry:
-    _, in_c, in_h, in_w = x.shape
-    kh, kw = conv.kernel_size
     top, left = _padding(conv)
     if conv.uneven_pad is not None:
         pad_h, pad_w = top + conv.uneven_pad[3], left + conv.uneven_pad[1]
     else:
         pad_h, pad_w = 2 * top, 2 * left
-    conv_h, conv_w = in_h + pad_h - kh + 1, in_w + pad_w - kw + 1
+    return _block_geometry(conv, pool, x.shape, (top, left), (pad_h, pad_w))
+
+
+def _block_geometry(
+    conv: KerasConv2D,
+    pool: KerasMaxPool2D,
+    shape: torch.Size,
+    top_left: tuple[int, int],
+    total_pad: tuple[int, int],
+) -> native.ConvPoolGeometry:
+    """Conv and pool sizes for an input of this shape (B, C, H, W), zero-padded by top_left
+    above and to the left and by total_pad in all (rows, columns)."""
+    _, in_c, in_h, in_w = shape
+    kh, kw = conv.kernel_size
+    conv_h, conv_w = in_h + total_pad[0] - kh + 1, in_w + total_pad[1] - kw + 1
     pool_pad = pool.pad or (0, 0, 0, 0)
     pool_h, pool_w = (conv_h + pool_pad[3]) // 2, (conv_w + pool_pad[1]) // 2
     return native.ConvPoolGeometry(
@@ -141,8 +153,8 @@ def _geometry(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> nativ
         out_c=conv.out_channels,
         kh=kh,
         kw=kw,
-        pad_top=top,
-        pad_left=left,
+        pad_top=top_left[0],
+        pad_left=top_left[1],
         conv_h=conv_h,
         conv_w=conv_w,
         pool_h=pool_h,
@@ -357,7 +369,7 @@ class _ConvThenPool(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         conv: KerasConv2D,
-        pool_pad: tuple[int, int],
+        pool: KerasMaxPool2D,
     ) -> torch.Tensor:
         lib = native.library()
         assert lib is not None
@@ -372,14 +384,15 @@ class _ConvThenPool(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             y = torch.nn.functional.conv2d(padded, w, b, padding=conv.padding)
         y = y.contiguous(memory_format=torch.channels_last)
-        batch, out_c, conv_h, conv_w = y.shape
-        pool_h, pool_w = (conv_h + pool_pad[0]) // 2, (conv_w + pool_pad[1]) // 2
+        top, left = (int(p) for p in conv.padding)  # type: ignore[union-attr]
+        g = _block_geometry(conv, pool, padded.shape, (top, left), (2 * top, 2 * left))
+        batch = y.shape[0]
         pooled = torch.empty(
-            (batch, out_c, pool_h, pool_w), dtype=dtype, memory_format=torch.channels_last
+            (batch, g.out_c, g.pool_h, g.pool_w), dtype=dtype, memory_format=torch.channels_last
         )
-        argmax = torch.empty((batch, pool_h, pool_w, out_c), dtype=torch.uint8)
+        argmax = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
         is_bf16 = int(dtype == torch.bfloat16)
-        shape = (batch, conv_h, conv_w, out_c, pool_h, pool_w)
+        shape = (batch, g.conv_h, g.conv_w, g.out_c, g.pool_h, g.pool_w)
         threads = torch.get_num_threads()
         _check(
             lib.max_pool_forward(
@@ -387,7 +400,7 @@ class _ConvThenPool(torch.autograd.Function):
             )
         )
         ctx.save_for_backward(padded, w, argmax)
-        ctx.conv, ctx.shape, ctx.dtype = conv, shape, dtype
+        ctx.conv, ctx.geometry, ctx.shape, ctx.dtype = conv, g, shape, dtype
         ctx.has_bias, ctx.input_shape = bias is not None, x.shape
         return pooled
 
@@ -397,7 +410,7 @@ class _ConvThenPool(torch.autograd.Function):
         assert lib is not None
         padded, w, argmax = ctx.saved_tensors
         conv: KerasConv2D = ctx.conv
-        batch, conv_h, conv_w, out_c, pool_h, pool_w = ctx.shape
+        batch, conv_h, conv_w, out_c, _, _ = ctx.shape
         grad = grad_pooled.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
         is_bf16 = int(ctx.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
@@ -428,24 +441,8 @@ class _ConvThenPool(torch.autograd.Function):
                 left, _, top, _ = conv.uneven_pad
                 height, width = ctx.input_shape[2:]
                 grad_x = grad_x[:, :, top : top + height, left : left + width]
-        kh, kw = conv.kernel_size
-        in_c = padded.shape[1]
-        pad_top, pad_left = (int(p) for p in conv.padding)  # type: ignore[union-attr]
-        geometry = native.ConvPoolGeometry(
-            in_h=padded.shape[2],
-            in_w=padded.shape[3],
-            in_c=in_c,
-            out_c=out_c,
-            kh=kh,
-            kw=kw,
-            pad_top=pad_top,
-            pad_left=pad_left,
-            conv_h=conv_h,
-            conv_w=conv_w,
-            pool_h=pool_h,
-            pool_w=pool_w,
-            relu=0,
-        )
+        g = ctx.geometry
+        kh, kw, in_c = g.kh, g.kw, g.in_c
         chunks = -(-batch // GRAD_CHUNK)
         run = -(-kw * in_c // native.LANES) * native.LANES
         partial = torch.zeros(chunks * (out_c * kh * run + out_c))
@@ -454,7 +451,7 @@ class _ConvThenPool(torch.autograd.Function):
         x_nhwc = padded.permute(0, 2, 3, 1)  # contiguous: padded is channels_last
         _check(
             lib.pooled_weight_grad(
-                ctypes.byref(geometry),
+                ctypes.byref(g),
                 _pointer(x_nhwc),
                 is_bf16,
                 _pointer(grad),
@@ -475,8 +472,7 @@ def conv_then_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> 
     """pool(act(conv(x))) for a `pooled_grad_fits` pair in training: the same values as the two
     modules, and the same gradients, with the conv's weight gradient computed in C from the
     pooled gradient's winners alone (a quarter of the conv's outputs, fewer after a ReLU)."""
-    pad = pool.pad or (0, 0, 0, 0)  # (left, right, top, bottom)
-    y = _ConvThenPool.apply(x, conv.weight, conv.bias, conv, (pad[3], pad[1]))
+    y = _ConvThenPool.apply(x, conv.weight, conv.bias, conv, pool)
     return pool.deferred_act(y) if pool.deferred_act is not None else y
 
 
