@@ -491,17 +491,29 @@ def test_dropout_passes_nan_and_leaves_other_tensors_to_torch(kernels):
     assert set(out.unique().tolist()) <= {0.0, 2.0}
 
 
-# ---------------------------------------------------------------- conv weight gradient from the
-# pooled gradient (fused.conv_then_pool, pooled_weight_grad in kernels.c)
+# ---------------------------------------------------------------- conv weight and input gradients
+# from the pooled gradient (fused.conv_then_pool, pooled_weight_grad and pooled_input_grad in
+# kernels.c)
 
 
-def run_pooled(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False):
+def run_pooled(
+    model: CnnModel,
+    x: torch.Tensor,
+    *,
+    use_kernel: bool,
+    bf16: bool = False,
+    c_input_grad: bool | None = None,
+):
     """Logits, parameter gradients and the input gradient of one training pass through the
-    first Conv2D + MaxPool2D, with or without conv_then_pool (at any kw * in_channels)."""
+    first Conv2D + MaxPool2D, with or without conv_then_pool (at any kw * in_channels); its
+    input gradient in C wherever it can run (c_input_grad True), never (False), or where it
+    pays (None)."""
     model = copy.deepcopy(model)
     leaf = x.clone().requires_grad_()
-    fits, min_run = fused.pooled_grad_fits, fused.MIN_RUN
+    fits, min_run, max_shifted = fused.pooled_grad_fits, fused.MIN_RUN, fused.MAX_SHIFTED_BYTES
     fused.MIN_RUN = 1
+    if c_input_grad is not None:
+        fused.MAX_SHIFTED_BYTES = 1 << 40 if c_input_grad else 0
     fused.pooled_grad_fits = fits if use_kernel else (lambda *a: False)
     torch.manual_seed(5)  # the same dropout masks in every run
     try:
@@ -513,6 +525,7 @@ def run_pooled(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool
         F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
     finally:
         fused.pooled_grad_fits, fused.MIN_RUN = fits, min_run
+        fused.MAX_SHIFTED_BYTES = max_shifted
     assert bool(calls) == use_kernel, "conv_then_pool ran where it should not, or not"
     grads = {name: p.grad for name, p in model.named_parameters()}
     return logits.detach().float(), grads, leaf.grad
@@ -537,8 +550,9 @@ def assert_close_grads(ours, theirs, rtol: float) -> None:
     activation=st.sampled_from([None, "relu"]),
     use_bias=st.booleans(),
     batch=st.integers(1, 37),
+    c_input_grad=st.booleans(),
 )
-def test_pooled_weight_gradient_matches_the_modules_in_fp32(
+def test_pooled_gradients_match_the_modules_in_fp32(
     kernels,
     in_c,
     height,
@@ -551,6 +565,7 @@ def test_pooled_weight_gradient_matches_the_modules_in_fp32(
     activation,
     use_bias,
     batch,
+    c_input_grad,
 ):
     if block_is_empty(height, width, kh, kw, padding, pool_padding):
         return
@@ -559,21 +574,29 @@ def test_pooled_weight_gradient_matches_the_modules_in_fp32(
     )
     torch.manual_seed(batch)
     x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
-    logits, grads, grad_x = run_pooled(model, x, use_kernel=True)
+    logits, grads, grad_x = run_pooled(model, x, use_kernel=True, c_input_grad=c_input_grad)
     ref_logits, ref_grads, ref_grad_x = run_pooled(model, x, use_kernel=False)
     assert torch.equal(logits, ref_logits)
     assert_close_grads(grads, ref_grads, rtol=1e-5)
     assert torch.allclose(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("preset", ["basic", "dropout"])
-def test_pooled_weight_gradient_under_bf16_autocast(kernels, preset):
+@pytest.mark.parametrize(
+    ("preset", "c_input_grad"),
+    [("tiny", None), ("basic", None), ("dropout", None), ("basic", True), ("dropout", True)],
+)
+def test_pooled_gradients_under_bf16_autocast(kernels, preset, c_input_grad):
+    """The second conv's gradients (and the first's, which take its input gradient) against
+    oneDNN's under autocast: tiny's input gradient in C where it pays, basic's and dropout's
+    both ways."""
     torch.manual_seed(3)
     model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(20, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     _, fp32_grads, _ = run_pooled(model, x, use_kernel=False)
-    logits, grads, grad_x = run_pooled(model, x, use_kernel=True, bf16=True)
+    logits, grads, grad_x = run_pooled(
+        model, x, use_kernel=True, bf16=True, c_input_grad=c_input_grad
+    )
     ref_logits, ref_grads, ref_grad_x = run_pooled(model, x, use_kernel=False, bf16=True)
     assert torch.equal(logits, ref_logits)  # the forward pass is PyTorch's conv and the C pool
     assert grads["layers.conv2d_1.weight"].dtype == torch.float32
@@ -585,9 +608,12 @@ def test_pooled_weight_gradient_under_bf16_autocast(kernels, preset):
     assert torch.allclose(grad_x, ref_grad_x, rtol=2e-2, atol=1e-3 * ref_grad_x.abs().max())
 
 
-def test_pooled_weight_gradient_does_not_depend_on_threads(kernels):
+@pytest.mark.parametrize("preset", ["tiny", "basic"])
+def test_pooled_gradients_do_not_depend_on_threads(kernels, preset):
+    """Weight gradients summed in a fixed order; input gradients image by image (tiny's in C,
+    so the first conv's weight gradient, computed from it, comes out the same too)."""
     torch.manual_seed(4)
-    model = build_model(preset_layers("basic", 10, (1, 28, 28)), (1, 28, 28), 10)
+    model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
     x = torch.randn(70, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
@@ -599,11 +625,14 @@ def test_pooled_weight_gradient_does_not_depend_on_threads(kernels):
         torch.set_num_threads(threads)
     assert torch.equal(one["layers.conv2d_1.weight"], two["layers.conv2d_1.weight"])
     assert torch.equal(one["layers.conv2d_1.bias"], two["layers.conv2d_1.bias"])
+    if preset == "tiny":
+        assert torch.equal(one["layers.conv2d.weight"], two["layers.conv2d.weight"])
 
 
-def test_pooled_weight_gradient_runs_where_it_pays_and_only_in_training(kernels):
-    """basic's second conv (4x4 on 32 channels: 8 vectors a kernel row) takes it in training;
-    tiny's and dropout's narrower rows, evaluation, frozen convs and hooks keep the modules."""
+def test_pooled_gradients_run_where_they_pay_and_only_in_training(kernels):
+    """basic's second conv (4x4 on 32 channels: 8 vectors a kernel row) takes the C weight
+    gradient in training; tiny's (3x3 on 8 channels: shifted kernels in L1) both C gradients;
+    dropout's, evaluation, frozen convs and hooks keep the modules."""
 
     def second_pair(preset):
         model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
@@ -620,7 +649,10 @@ def test_pooled_weight_gradient_runs_where_it_pays_and_only_in_training(kernels)
     handle.remove()
     conv.requires_grad_(False)
     assert not fused.pooled_grad_fits(conv, pool, x)
-    for preset, channels, size in (("tiny", 8, 13), ("dropout", 32, 14)):
-        conv, pool = second_pair(preset)
-        y = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
-        assert not fused.pooled_grad_fits(conv, pool, y)
+    assert not fused.input_grad_fits(conv)
+    conv, pool = second_pair("tiny")
+    y = torch.randn(2, 8, 13, 13).contiguous(memory_format=torch.channels_last)
+    assert fused.pooled_grad_fits(conv, pool, y) and fused.input_grad_fits(conv)
+    conv, pool = second_pair("dropout")
+    y = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    assert not fused.pooled_grad_fits(conv, pool, y)

@@ -1,6 +1,7 @@
 """Layers in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2) in one
-kernel, MaxPool2D(2) alone in training, the weight gradient of a wider Conv2D under a
-MaxPool2D(2) from the pooled gradient (`conv_then_pool`), and Dropout.
+kernel, MaxPool2D(2) alone in training, the weight gradient (and for small ones the input
+gradient) of a Conv2D under a MaxPool2D(2) from the pooled gradient (`conv_then_pool`), and
+Dropout.
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
@@ -29,11 +30,17 @@ if TYPE_CHECKING:  # layers.py imports this module
 
 MAX_IN_CHANNELS = 4  # beyond a few input channels oneDNN's convolution is the faster one
 GRAD_CHUNK = 16  # images per partial weight gradient: sums in a fixed order, whatever the threads
-# `conv_then_pool` only where each winner's kernel row (kw * in_channels values) spans at least
-# 8 vectors: there the C weight gradient beats oneDNN's dense one (`basic`'s 4x4 conv on 32
+# `conv_then_pool` where each winner's kernel row (kw * in_channels values) spans at least 8
+# vectors: there the C weight gradient beats oneDNN's dense one (`basic`'s 4x4 conv on 32
 # channels: training steps 1.12x, faster in 16 of 16 interleaved rounds); with 2-4 vectors a row
-# it does not (`tiny`'s 3x3 on 8 channels 1.01x, `dropout`'s 2x2 on 32 channels 0.97x).
+# it does not on its own (`tiny`'s 3x3 on 8 channels 1.01x, `dropout`'s 2x2 on 32 channels
+# 0.97x), only together with the C input gradient (below).
 MIN_RUN = 8 * native.LANES
+# The C input gradient (pooled_input_grad) where its shifted kernels fit in L1 (48 KiB on this
+# machine's cores): each window reads every channel's kernel once, so beyond L1 it waits on
+# memory and oneDNN's dense input gradient wins (`basic`'s 400 KiB: 5x slower alone). `tiny`'s
+# second conv (32 KiB), input and weight gradients both in C: training steps 1.07x.
+MAX_SHIFTED_BYTES = 32 * 1024
 
 
 def _padding(conv: KerasConv2D) -> tuple[int, int]:
@@ -332,8 +339,8 @@ def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
 
 def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
     """Whether `conv_then_pool` can take this Conv2D, the MaxPool2D after it and x: a training
-    step (gradient on the weights), a stride-1 conv with kw * in_channels in [MIN_RUN, MAX_RUN]
-    and its activation (if any) applied after the pool, a pool that `pool_fits`, a channels_last
+    step (gradient on the weights), a stride-1 conv with kw * in_channels at most MAX_RUN and at
+    least MIN_RUN unless `input_grad_fits`, its activation (if any) applied after the pool, a pool that `pool_fits`, a channels_last
     float32 or bf16 CPU input, nothing hooked, and the kernels built."""
     kw = conv.kernel_size[1]
     return (
@@ -345,7 +352,8 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
-        and MIN_RUN <= kw * conv.in_channels <= native.MAX_RUN
+        and kw * conv.in_channels <= native.MAX_RUN
+        and (kw * conv.in_channels >= MIN_RUN or input_grad_fits(conv))
         and (conv.activation_name is None or conv.defer_activation)
         and x.device.type == "cpu"
         and x.dim() == 4
@@ -358,9 +366,29 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
     )
 
 
+def _whole_vectors(values: int) -> int:
+    return -(-values // native.LANES) * native.LANES
+
+
+def _shifted_floats(out_c: int, in_c: int, kh: int, kw: int) -> int:
+    """Floats of pooled_input_grad's shifted kernels: [out_c][4][kh + 1][wide_run], wide_run =
+    (kw + 1) * in_c rounded up to whole vectors."""
+    return out_c * 4 * (kh + 1) * _whole_vectors((kw + 1) * in_c)
+
+
+def input_grad_fits(conv: KerasConv2D) -> bool:
+    """Whether `conv_then_pool` computes this conv's input gradient in C (pooled_input_grad)."""
+    kh, kw = conv.kernel_size
+    return (
+        _whole_vectors((kw + 1) * conv.in_channels) <= native.MAX_RUN
+        and 4 * _shifted_floats(conv.out_channels, conv.in_channels, kh, kw) <= MAX_SHIFTED_BYTES
+    )
+
+
 class _ConvThenPool(torch.autograd.Function):
-    """conv (PyTorch's) then the C max pool; in the backward pass PyTorch's input gradient and
-    the C weight gradient from the pooled gradient (pooled_weight_grad in kernels.c)."""
+    """conv (PyTorch's) then the C max pool; in the backward pass the C weight gradient from the
+    pooled gradient (pooled_weight_grad in kernels.c) and the input gradient in C
+    (pooled_input_grad) where `input_grad_fits`, else PyTorch's from the unpooled gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -414,8 +442,27 @@ class _ConvThenPool(torch.autograd.Function):
         grad = grad_pooled.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
         is_bf16 = int(ctx.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
+        g = ctx.geometry
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and input_grad_fits(conv):
+            grad_x = torch.empty_like(padded)  # channels_last, as padded
+            w_nhwc = w.float().permute(0, 2, 3, 1).contiguous()  # [out_c][kh][kw][in_c]
+            shifted = torch.empty(_shifted_floats(g.out_c, g.in_c, g.kh, g.kw))
+            _check(
+                lib.pooled_input_grad(
+                    ctypes.byref(g),
+                    _pointer(w_nhwc),
+                    _pointer(shifted),
+                    _pointer(grad),
+                    is_bf16,
+                    _pointer(argmax),
+                    batch,
+                    _pointer(grad_x),
+                    is_bf16,
+                    threads,
+                )
+            )
+        elif ctx.needs_input_grad[0]:
             grad_y = torch.empty(
                 (batch, out_c, conv_h, conv_w), dtype=ctx.dtype, memory_format=torch.channels_last
             )
@@ -437,11 +484,10 @@ class _ConvThenPool(torch.autograd.Function):
                 1,
                 [True, False, False],
             )[0]
-            if conv.uneven_pad:
-                left, _, top, _ = conv.uneven_pad
-                height, width = ctx.input_shape[2:]
-                grad_x = grad_x[:, :, top : top + height, left : left + width]
-        g = ctx.geometry
+        if grad_x is not None and conv.uneven_pad:
+            left, _, top, _ = conv.uneven_pad
+            height, width = ctx.input_shape[2:]
+            grad_x = grad_x[:, :, top : top + height, left : left + width]
         kh, kw, in_c = g.kh, g.kw, g.in_c
         chunks = -(-batch // GRAD_CHUNK)
         run = -(-kw * in_c // native.LANES) * native.LANES
@@ -470,8 +516,9 @@ class _ConvThenPool(torch.autograd.Function):
 
 def conv_then_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
     """pool(act(conv(x))) for a `pooled_grad_fits` pair in training: the same values as the two
-    modules, and the same gradients, with the conv's weight gradient computed in C from the
-    pooled gradient's winners alone (a quarter of the conv's outputs, fewer after a ReLU)."""
+    modules, and the same gradients, with the conv's weight gradient (and, where
+    `input_grad_fits`, its input gradient) computed in C from the pooled gradient's winners alone
+    (a quarter of the conv's outputs, fewer after a ReLU)."""
     y = _ConvThenPool.apply(x, conv.weight, conv.bias, conv, pool)
     return pool.deferred_act(y) if pool.deferred_act is not None else y
 

@@ -59,7 +59,8 @@ class ConvPoolGeometry(ctypes.Structure):
 
 LANES = 16  # LANES in kernels.c: weights and gradients have out_c rounded up to a multiple
 MAX_TAPS = 128  # MAX_TAPS in kernels.c: kh * kw * in_c at most
-MAX_RUN = 256  # MAX_RUN_VECTORS * LANES in kernels.c: kw * in_c at most, for pooled_weight_grad
+MAX_RUN = 256  # MAX_RUN_VECTORS * LANES in kernels.c: the longest run (kw * in_c values for
+# pooled_weight_grad, (kw + 1) * in_c for pooled_input_grad, rounded up to whole vectors)
 
 
 def cache_dir() -> Path:
@@ -143,6 +144,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pooled_weight_grad.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i64, i64]
     lib.pooled_weight_grad.argtypes += [pointer, pointer, pointer, i32]
     lib.pooled_weight_grad.restype = ctypes.c_int
+    # (geometry, w, shifted, grad, grad_is_bf16, argmax, batch, grad_x, x_is_bf16, threads)
+    lib.pooled_input_grad.argtypes = [geometry, pointer, pointer, pointer, i32, pointer, i64]
+    lib.pooled_input_grad.argtypes += [pointer, i32, i32]
+    lib.pooled_input_grad.restype = ctypes.c_int
     # (x, y, is_bf16, n, p, seed, threads)
     lib.dropout.argtypes = [pointer, pointer, i32, i64, ctypes.c_float, ctypes.c_uint64, i32]
     lib.dropout.restype = ctypes.c_int

@@ -1,6 +1,6 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
- * after it, the weight gradient of a convolution under a 2x2 max pool from the pooled gradient,
- * the 2x2 max pool alone with its gradient, and dropout.
+ * after it, the weight and input gradients of a convolution under a 2x2 max pool from the
+ * pooled gradient, the 2x2 max pool alone with its gradient, and dropout.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
@@ -740,6 +740,150 @@ int pooled_weight_grad(const Geometry *g, const void *x, int32_t x_is_bf16, cons
         memcpy(grad_b, partial_b, sizeof(float) * (size_t)g->out_c);
         for (int64_t k = 1; k < chunks; k++)
             for (int c = 0; c < g->out_c; c++) grad_b[c] += partial_b[k * g->out_c + c];
+    }
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Input gradient of a convolution followed by the 2x2 max pool, from the pooled gradient    */
+/*                                                                                           */
+/* Only the windows' winners carry a gradient back through the conv, one per window and      */
+/* channel. The patches under a window's four positions all lie in its (kh + 1) x (kw + 1)    */
+/* "window patch", and channel c's contribution to it is its gradient times its kernel moved */
+/* to the winner's position: shifted[c][winner], zero elsewhere, made once a call. So each   */
+/* window patch is a sum over the out_c channels of gradient x shifted kernel, in registers, */
+/* row by row, without a branch on the winners; it is added to the image's padded fp32        */
+/* buffer once per row. That is (kh + 1)(kw + 1) / (kh kw) times the winners' multiply-adds   */
+/* but a quarter of oneDNN's dense ones, with no unpooled gradient written and read. Windows  */
+/* two pixels apart overlap by whole vectors when 2 * in_c is a multiple of LANES, so those   */
+/* read-modify-writes forward cleanly. Images are independent: threads split the batch and   */
+/* the result does not depend on their number.                                               */
+/*                                                                                           */
+/* shifted is float32 [out_c][4][kh + 1][wide_run], wide_run = (kw + 1) * in_c rounded up to  */
+/* LANES (made by shift_kernels from weights [out_c][kh][kw][in_c]); grad_x is                */
+/* [batch][in_h][in_w][in_c], float32 or bfloat16 (rounded to nearest even).                  */
+
+INLINE int wide_run(const Geometry *g) {
+    return ((g->kw + 1) * g->in_c + LANES - 1) / LANES * LANES;
+}
+
+/* The last vector's lanes of a window-patch row that hold values. */
+INLINE lanes_mask wide_tail_mask(const Geometry *g) {
+    const int used = (g->kw + 1) * g->in_c - (wide_run(g) - LANES);
+    vi lane;
+    for (int k = 0; k < LANES; k++) lane[k] = k < used ? 1 : 0;
+    return lanes_equal(lane, 1);
+}
+
+/* Each channel's kernel at the four window positions inside the window patch. */
+static void shift_kernels(const Geometry *g, const float *w, float *shifted) {
+    const int run = wide_run(g), rows = g->kh + 1, in_c = g->in_c;
+    memset(shifted, 0, sizeof(float) * (size_t)g->out_c * 4 * (size_t)(rows * run));
+    for (int c = 0; c < g->out_c; c++)
+        for (int p = 0; p < 4; p++)
+            for (int ky = 0; ky < g->kh; ky++) {
+                float *to = shifted + ((int64_t)(c * 4 + p) * rows + ky + (p >> 1)) * run +
+                            (p & 1) * in_c;
+                memcpy(to, w + ((int64_t)c * g->kh + ky) * g->kw * in_c,
+                       sizeof(float) * (size_t)(g->kw * in_c));
+            }
+}
+
+/* One window patch row: the sum over channels of gradient[c] x kernel row at[c], VECTORS
+ * vectors, added to the buffer at `to` (the tail lanes past the row untouched). */
+INLINE void window_row(const float *const *at, const float *gradient, int out_c, float *to,
+                       lanes_mask tail_mask, const int vectors) {
+    vf acc[MAX_RUN_VECTORS];
+    for (int v = 0; v < vectors; v++) acc[v] = (vf){0};
+    for (int c = 0; c < out_c; c++)
+        for (int v = 0; v < vectors; v++) acc[v] += gradient[c] * load(at[c] + v * LANES);
+    for (int v = 0; v < vectors - 1; v++) store(to + v * LANES, load(to + v * LANES) + acc[v]);
+    const int v = vectors - 1;
+    const vf old = load(to + v * LANES);
+    store(to + v * LANES, pick_f(tail_mask, old + acc[v], old));
+}
+
+/* Image b's input gradient from the padded buffer into grad_x, without the padding. */
+static void store_cropped(const Geometry *g, const float *buf, int64_t row, int64_t b,
+                          void *grad_x, int x_is_bf16) {
+    const int64_t n = (int64_t)g->in_w * g->in_c;
+    for (int y = 0; y < g->in_h; y++) {
+        const float *from = buf + (y + g->pad_top) * row + (int64_t)g->pad_left * g->in_c;
+        const int64_t to = (b * g->in_h + y) * n;
+        if (!x_is_bf16) {
+            memcpy((float *)grad_x + to, from, sizeof(float) * (size_t)n);
+            continue;
+        }
+        uint16_t *out = (uint16_t *)grad_x + to;
+        int64_t k = 0;
+        for (; k + LANES <= n; k += LANES) store_bf16_bits(out + k, to_bf16(load(from + k)));
+        for (; k < n; k++) {
+            vf one = {0};
+            one[0] = from[k];
+            out[k] = (uint16_t)to_bf16(one)[0];
+        }
+    }
+}
+
+static int pooled_input_grad_images(const Geometry *g, const float *shifted, const void *grad,
+                                    int grad_is_bf16, const uint8_t *argmax, int64_t b0,
+                                    int64_t b1, void *grad_x, int x_is_bf16) {
+    const int run = wide_run(g), vectors = run / LANES, rows = g->kh + 1, out_c = g->out_c;
+    const int64_t row = (int64_t)padded_cols(g) * g->in_c;
+    const size_t floats = (size_t)padded_rows(g) * (size_t)row + (size_t)run;
+    const lanes_mask tail_mask = wide_tail_mask(g);
+    float *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    const float **at = malloc(sizeof(float *) * (size_t)out_c);
+    float *gradient = malloc(sizeof(float) * (size_t)out_c);
+    int status = buf && at && gradient ? 0 : -2;
+    for (int64_t b = b0; b < b1 && !status; b++) {
+        memset(buf, 0, sizeof(float) * floats);
+        for (int i = 0; i < g->pool_h; i++) {
+            for (int j = 0; j < g->pool_w; j++) {
+                const int64_t first = ((b * g->pool_h + i) * g->pool_w + j) * out_c;
+                for (int c = 0; c < out_c; c++) {
+                    const int winner = argmax[first + c];
+                    const int live = winner <= 3;
+                    gradient[c] = live ? load_one(grad, first + c, grad_is_bf16) : 0.0f;
+                    at[c] = shifted + (int64_t)(c * 4 + (live ? winner : 0)) * rows * run;
+                }
+                float *to = buf + 2 * i * row + (int64_t)2 * j * g->in_c;
+                for (int r = 0; r < rows; r++) {
+                    switch (vectors) { /* constant counts keep the sums in registers */
+#define ROW(n)                                                                                \
+    case n: window_row(at, gradient, out_c, to + r * row, tail_mask, n); break;
+                        ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8)
+                        ROW(9) ROW(10) ROW(11) ROW(12) ROW(13) ROW(14) ROW(15) ROW(16)
+#undef ROW
+                    }
+                    if (r + 1 < rows)
+                        for (int c = 0; c < out_c; c++) at[c] += run;
+                }
+            }
+        }
+        store_cropped(g, buf, row, b, grad_x, x_is_bf16);
+    }
+    free(buf);
+    free(at);
+    free(gradient);
+    return status;
+}
+
+/* w: the conv's weights, float32 [out_c][kh][kw][in_c]; shifted: room for shift_kernels. */
+int pooled_input_grad(const Geometry *g, const float *w, float *shifted, const void *grad,
+                      int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch, void *grad_x,
+                      int32_t x_is_bf16, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
+    if (wide_run(g) > MAX_RUN_VECTORS * LANES) return -1;
+    shift_kernels(g, w, shifted);
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
+    {
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
+        const int done = pooled_input_grad_images(g, shifted, grad, grad_is_bf16, argmax, b0, b1,
+                                                  grad_x, x_is_bf16);
+        status = done < status ? done : status;
     }
     return status;
 }
