@@ -631,8 +631,9 @@ def test_pooled_gradients_do_not_depend_on_threads(kernels, preset):
 
 def test_pooled_gradients_run_where_they_pay_and_only_in_training(kernels):
     """basic's second conv (4x4 on 32 channels: 8 vectors a kernel row) takes the C weight
-    gradient in training; tiny's (3x3 on 8 channels: shifted kernels in L1) both C gradients;
-    dropout's, evaluation, frozen convs and hooks keep the modules."""
+    gradient in training; tiny's (3x3 on 8 channels: shifted kernels in L1) both C gradients
+    when its input takes a gradient too; dropout's, evaluation, frozen convs and hooks keep the
+    modules."""
 
     def second_pair(preset):
         model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
@@ -652,7 +653,9 @@ def test_pooled_gradients_run_where_they_pay_and_only_in_training(kernels):
     assert not fused.input_grad_fits(conv)
     conv, pool = second_pair("tiny")
     y = torch.randn(2, 8, 13, 13).contiguous(memory_format=torch.channels_last)
-    assert fused.pooled_grad_fits(conv, pool, y) and fused.input_grad_fits(conv)
+    assert fused.input_grad_fits(conv)
+    assert not fused.pooled_grad_fits(conv, pool, y)  # no input gradient: the C weight gradient
+    assert fused.pooled_grad_fits(conv, pool, y.requires_grad_())  # alone would not pay
     conv, pool = second_pair("dropout")
     y = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
     assert not fused.pooled_grad_fits(conv, pool, y)

@@ -340,7 +340,9 @@ def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
 def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
     """Whether `conv_then_pool` can take this Conv2D, the MaxPool2D after it and x: a training
     step (gradient on the weights), a stride-1 conv with kw * in_channels at most MAX_RUN and at
-    least MIN_RUN unless `input_grad_fits`, its activation (if any) applied after the pool, a pool that `pool_fits`, a channels_last
+    least MIN_RUN, unless x takes a gradient too and `input_grad_fits` (the C weight gradient
+    pays on narrower rows only beside the C input gradient), its activation (if any) applied
+    after the pool, a pool that `pool_fits`, a channels_last
     float32 or bf16 CPU input, nothing hooked, and the kernels built."""
     kw = conv.kernel_size[1]
     return (
@@ -353,7 +355,7 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
         and kw * conv.in_channels <= native.MAX_RUN
-        and (kw * conv.in_channels >= MIN_RUN or input_grad_fits(conv))
+        and (kw * conv.in_channels >= MIN_RUN or (x.requires_grad and input_grad_fits(conv)))
         and (conv.activation_name is None or conv.defer_activation)
         and x.device.type == "cpu"
         and x.dim() == 4
