@@ -6,6 +6,8 @@ Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 ima
   - dropout masks from torch.rand, against nn.Dropout (bernoulli_)
   - channels_last, against contiguous NCHW
   - GlobalMaxPooling2D as adaptive_max_pool2d, against amax
+  - a conv's gradients from the max pool's winners in C (conv_then_pool: basic's weight
+    gradient, tiny's weight and input gradients), against oneDNN's from the unpooled gradient
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - bf16 autocast against fp32
@@ -38,7 +40,7 @@ import cnnlab.inference
 import cnnlab.models.folding
 from cnnlab.benchmark import Stepper
 from cnnlab.inference import Preprocessing, predict_logits
-from cnnlab.models import Activation, BatchNormalization, Conv2D, MaxPool2D, preset_layers
+from cnnlab.models import Activation, BatchNormalization, Conv2D, MaxPool2D, fused, preset_layers
 from cnnlab.models.folding import inference_copy
 from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
 
@@ -57,6 +59,7 @@ def variant(
     nchw: bool = False,
     amax: bool = False,
     trained_stem: bool = False,
+    onednn_conv_grads: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -89,7 +92,18 @@ def variant(
                 module.forward = lambda x: x.amax(dim=(2, 3))  # type: ignore[method-assign]
     if foreach:
         stepper.optimizer = torch.optim.Adam(stepper.model.parameters(), lr=1e-3, foreach=True)
+    if onednn_conv_grads:  # the gates are module settings: closed for this stepper's steps only
+        stepper.step = functools.partial(without_conv_then_pool, stepper.step)  # type: ignore[method-assign]
     return stepper
+
+
+def without_conv_then_pool(step: Callable[[], object]) -> object:
+    min_run, max_shifted = fused.MIN_RUN, fused.MAX_SHIFTED_BYTES
+    fused.MIN_RUN, fused.MAX_SHIFTED_BYTES = sys.maxsize, 0
+    try:
+        return step()
+    finally:
+        fused.MIN_RUN, fused.MAX_SHIFTED_BYTES = min_run, max_shifted
 
 
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
@@ -123,12 +137,15 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("channels_last", {}, {"nchw": True}),
         ("global max pool by adaptive_max_pool2d", {}, {"amax": True}),
         ("frozen whitening conv, no BatchNorm, as first block", {}, {"trained_stem": True}),
+        ("conv gradients from the pool's winners in C", {}, {"onednn_conv_grads": True}),
     ]
     rows = []
     for lever, on, off in pairs:
         if lever.startswith("dropout") and preset not in ("tiny", "dropout"):
             continue
         if lever.startswith(("global", "frozen")) and preset != "fast":
+            continue
+        if lever.startswith("conv gradients") and preset not in ("tiny", "basic"):
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
