@@ -174,8 +174,9 @@ def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
 
 
-def _padded(channels: int) -> int:
-    return -(-channels // native.LANES) * native.LANES
+def _padded(values: int) -> int:
+    """values rounded up to whole vectors of native.LANES."""
+    return -(-values // native.LANES) * native.LANES
 
 
 def _pad_channels(tensor: torch.Tensor) -> torch.Tensor:
@@ -368,21 +369,17 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
     )
 
 
-def _whole_vectors(values: int) -> int:
-    return -(-values // native.LANES) * native.LANES
-
-
 def _shifted_floats(out_c: int, in_c: int, kh: int, kw: int) -> int:
     """Floats of pooled_input_grad's shifted kernels: [out_c][4][kh + 1][wide_run], wide_run =
     (kw + 1) * in_c rounded up to whole vectors."""
-    return out_c * 4 * (kh + 1) * _whole_vectors((kw + 1) * in_c)
+    return out_c * 4 * (kh + 1) * _padded((kw + 1) * in_c)
 
 
 def input_grad_fits(conv: KerasConv2D) -> bool:
     """Whether `conv_then_pool` computes this conv's input gradient in C (pooled_input_grad)."""
     kh, kw = conv.kernel_size
     return (
-        _whole_vectors((kw + 1) * conv.in_channels) <= native.MAX_RUN
+        _padded((kw + 1) * conv.in_channels) <= native.MAX_RUN
         and 4 * _shifted_floats(conv.out_channels, conv.in_channels, kh, kw) <= MAX_SHIFTED_BYTES
     )
 
@@ -492,7 +489,7 @@ class _ConvThenPool(torch.autograd.Function):
             grad_x = grad_x[:, :, top : top + height, left : left + width]
         kh, kw, in_c = g.kh, g.kw, g.in_c
         chunks = -(-batch // GRAD_CHUNK)
-        run = -(-kw * in_c // native.LANES) * native.LANES
+        run = _padded(kw * in_c)
         partial = torch.zeros(chunks * (out_c * kh * run + out_c))
         grad_w = torch.empty((out_c, in_c, kh, kw), memory_format=torch.channels_last)
         grad_b = torch.empty(out_c) if ctx.has_bias else None
