@@ -9,6 +9,7 @@ Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 ima
   - a conv's gradients from the max pool's winners in C (conv_then_pool: basic's weight
     gradient, tiny's weight and input gradients), against oneDNN's from the unpooled gradient
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
+  - optimizer steps through cnnlab's Updater, against torch.optim's zero_grad and step
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - bf16 autocast against fp32
   - max pooling by tile_max, against max_pool2d
@@ -43,6 +44,7 @@ from cnnlab.inference import Preprocessing, predict_logits
 from cnnlab.models import Activation, BatchNormalization, Conv2D, MaxPool2D, fused, preset_layers
 from cnnlab.models.folding import inference_copy
 from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
+from cnnlab.training.optimizers import Updater
 
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
@@ -60,6 +62,7 @@ def variant(
     amax: bool = False,
     trained_stem: bool = False,
     onednn_conv_grads: bool = False,
+    torch_optim_steps: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -92,9 +95,25 @@ def variant(
                 module.forward = lambda x: x.amax(dim=(2, 3))  # type: ignore[method-assign]
     if foreach:
         stepper.optimizer = torch.optim.Adam(stepper.model.parameters(), lr=1e-3, foreach=True)
+        stepper.updater = Updater(stepper.optimizer)
+    if torch_optim_steps:
+        stepper.updater = TorchOptimSteps(stepper.optimizer)  # type: ignore[assignment]
     if onednn_conv_grads:  # the gates are module settings: closed for this stepper's steps only
         stepper.step = functools.partial(without_conv_then_pool, stepper.step)  # type: ignore[method-assign]
     return stepper
+
+
+class TorchOptimSteps:
+    """An Updater's zero_grad and step as torch.optim runs them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
 
 
 def without_conv_then_pool(step: Callable[[], object]) -> object:
@@ -138,6 +157,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("global max pool by adaptive_max_pool2d", {}, {"amax": True}),
         ("frozen whitening conv, no BatchNorm, as first block", {}, {"trained_stem": True}),
         ("conv gradients from the pool's winners in C", {}, {"onednn_conv_grads": True}),
+        ("optimizer steps by the Updater", {}, {"torch_optim_steps": True}),
     ]
     rows = []
     for lever, on, off in pairs:

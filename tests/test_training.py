@@ -11,7 +11,8 @@ from cnnlab.config import RunConfig, TrainConfig
 from cnnlab.inference import Preprocessing
 from cnnlab.models import build_model, preset_layers
 from cnnlab.training.checkpoint import load_checkpoint, load_model
-from cnnlab.training.loop import Callback, NonFiniteLossError, Trainer, make_optimizer
+from cnnlab.training.loop import Callback, NonFiniteLossError, Trainer
+from cnnlab.training.optimizers import make_optimizer
 from cnnlab.training.run import train_run
 
 

@@ -20,6 +20,7 @@ from cnnlab.inference import (
     uses_bf16,
 )
 from cnnlab.models import build_model, preset_layers, summarize_model
+from cnnlab.training.optimizers import Updater
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Stepper:
         self.flops, self.train_flops = summary.flops, summary.train_flops
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=1e-3, fused=True)
+        self.updater = Updater(self.optimizer)  # as training steps it
         self.prep = Preprocessing(input_shape)
         self.images = torch.randint(
             0, 256, (batch_size, *input_shape), dtype=torch.uint8, device=device
@@ -121,9 +123,9 @@ class Stepper:
         with autocast_for(self.device, self.amp):
             logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.updater.zero_grad()
         loss.backward()
-        self.optimizer.step()
+        self.updater.step()
 
 
 def bench_presets(

@@ -23,6 +23,7 @@ from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepar
 from cnnlab.models.layers import CnnModel
 from cnnlab.models.whitening import WHITENING_IMAGES, init_whitening, uses_whitening
 from cnnlab.training.metrics import classification_metrics
+from cnnlab.training.optimizers import Updater, make_optimizer
 from cnnlab.training.schedules import lr_at
 
 log = logging.getLogger(__name__)
@@ -63,44 +64,6 @@ class Callback:
     def on_best(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
     def on_checkpoint(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
     def on_train_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Optimisers with Keras' defaults where they differ from torch's (epsilon 1e-7).
-
-    Adam, AdamW and SGD use torch's fused kernels (one kernel per parameter instead of one per
-    operation: 10-20% faster steps for the tutorial nets on CPU); Adamax and RMSprop have none
-    and use the foreach implementation.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    name, lr, wd = config.optimizer, config.lr, config.weight_decay
-    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=1e-7, weight_decay=wd, **fused)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=1e-7, weight_decay=wd, **fused)
-    if name == "adamax":
-        return torch.optim.Adamax(params, lr=lr, eps=1e-7, weight_decay=wd, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=wd,
-            **fused,
-        )
-    if name == "rmsprop":
-        return torch.optim.RMSprop(
-            params,
-            lr=lr,
-            alpha=0.9,
-            eps=1e-7,
-            momentum=config.momentum,
-            weight_decay=wd,
-            foreach=True,
-        )
-    raise ValueError(f"unknown optimizer {name!r}")
 
 
 def monitor_mode(monitor: str) -> str:
@@ -162,6 +125,7 @@ class Trainer:
         self.class_weights = class_weights.to(self.device) if class_weights is not None else None
         self.sample_weights = sample_weights
         self.optimizer = make_optimizer(self.model, config)
+        self.updater = Updater(self.optimizer)
         self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.state = LoopState()
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -261,9 +225,9 @@ class Trainer:
             weight=self.class_weights,
             label_smoothing=self.config.label_smoothing,
         )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.updater.zero_grad()
         loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = self.updater.grads()
         # NaN/inf in any gradient makes the sum of norms non-finite.
         grad_norms = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
         correct = (logits.argmax(1) == labels).sum()
@@ -284,7 +248,7 @@ class Trainer:
                 "a gradient became NaN or infinite. The saved checkpoints keep the last finite "
                 "state. Lower the learning rate (--lr)."
             )
-        self.optimizer.step()  # only after both checks: a bad step never reaches the weights
+        self.updater.step()  # only after both checks: a bad step never reaches the weights
         return loss_value, int(correct_value)
 
     def _checkpoint_due(self) -> bool:
