@@ -385,3 +385,20 @@ def test_dropout_zeroes_at_its_rate_and_keeps_the_mean():
     assert torch.equal(dropout(x), out)  # drawn from the global generator: seeded runs repeat
     model.eval()
     assert torch.equal(dropout(x), x)
+
+
+def test_small_dense_layers_run_in_fp32_under_cpu_autocast_and_large_ones_in_bf16():
+    from cnnlab.models.layers import FP32_DENSE_MAX_WEIGHTS
+
+    units = FP32_DENSE_MAX_WEIGHTS // 64
+    model = build_model([Flatten(), Dense(units, activation="relu"), Dense(3)], (1, 8, 8), 3)
+    big = build_model([Flatten(), Dense(units + 1), Dense(3)], (1, 8, 8), 3).layers.dense
+    x = torch.randn(5, 1, 8, 8).bfloat16().requires_grad_()  # as a bf16 conv stack hands it on
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small_out, big_out = model(x), big(x.flatten(1))
+    assert small_out.dtype == torch.float32 and big_out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert_close(small_out, model(x.float()), atol=0.0)  # fp32 throughout, bit for bit
+    small_out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16  # the conv stack's own dtype
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
