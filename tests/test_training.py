@@ -66,6 +66,20 @@ def test_nan_pixels_stop_training(squares, monkeypatch) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(squares, bad) -> None:
+    trainer = make_trainer(squares, epochs=2)
+    trainer.fit()  # a few good steps first: the fused optimizer path is taken by now
+    trainer.config = replace(trainer.config, epochs=3)
+    dense = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
+    dense.weight.register_hook(lambda grad: grad * bad)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="a gradient became NaN or infinite"):
+        trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_run_folder_holds_every_artifact(digits_config: RunConfig) -> None:
     result = train_run(digits_config)
     run = result.run_dir
