@@ -59,7 +59,7 @@ class Updater:
     group (cnnlab's defaults) `step` calls the same fused kernel on lists gathered once, and
     gathers them again whenever the optimiser's state is replaced (load_state_dict). Anything
     else (other optimisers, several groups, hooks, a missing gradient, the first step, which
-    creates the state) goes through optimizer.step(). Training steps 1.04-1.17x faster (README,
+    creates the state) goes through optimizer.step(). Training steps 1.04-1.15x faster (README,
     Performance).
     """
 
