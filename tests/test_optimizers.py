@@ -77,6 +77,29 @@ def test_a_loaded_optimizer_state_is_used_not_the_lists_gathered_before() -> Non
     assert_same(reference, opt_ref, resumed, opt_resumed)
 
 
+def test_step_counts_share_one_tensor_and_survive_a_checkpoint(tmp_path) -> None:
+    config = TrainConfig(optimizer="adam")
+    reference, direct = make_model(), make_model()
+    opt_ref, opt_direct = make_optimizer(reference, config), make_optimizer(direct, config)
+    updater = Updater(opt_direct)
+    train(reference, opt_ref, 3, updater=None)
+    train(direct, opt_direct, 3, updater=updater)
+    steps = [opt_direct.state[p]["step"] for p in direct.parameters()]
+    assert len({step.untyped_storage().data_ptr() for step in steps}) == 1
+    assert [float(step) for step in steps] == [3.0] * len(steps)
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": direct.state_dict(), "optimizer": opt_direct.state_dict()}, path)
+    loaded = torch.load(path, weights_only=True)
+    resumed = make_model()
+    opt_resumed = make_optimizer(resumed, config)
+    resumed.load_state_dict(loaded["model"])
+    opt_resumed.load_state_dict(loaded["optimizer"])
+    train(reference, opt_ref, 2, updater=None, start=3)
+    train(resumed, opt_resumed, 2, updater=Updater(opt_resumed), start=3)
+    assert_same(reference, opt_ref, resumed, opt_resumed)
+
+
 def test_a_missing_gradient_or_a_hook_goes_through_optimizer_step() -> None:
     config = TrainConfig(optimizer="adam")
     reference, direct = make_model(), make_model()

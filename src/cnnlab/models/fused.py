@@ -18,6 +18,7 @@ an input gradient, tracing, torch.compile), the two modules run as they are.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -153,21 +154,17 @@ def _block_geometry(
     conv_h, conv_w = in_h + total_pad[0] - kh + 1, in_w + total_pad[1] - kw + 1
     pool_pad = pool.pad or (0, 0, 0, 0)
     pool_h, pool_w = (conv_h + pool_pad[3]) // 2, (conv_w + pool_pad[1]) // 2
-    return native.ConvPoolGeometry(
-        in_h=in_h,
-        in_w=in_w,
-        in_c=in_c,
-        out_c=conv.out_channels,
-        kh=kh,
-        kw=kw,
-        pad_top=top_left[0],
-        pad_left=top_left[1],
-        conv_h=conv_h,
-        conv_w=conv_w,
-        pool_h=pool_h,
-        pool_w=pool_w,
-        relu=int(conv.activation_name == "relu"),
-    )
+    relu = int(conv.activation_name == "relu")
+    sizes = (in_h, in_w, in_c, conv.out_channels, kh, kw, *top_left, conv_h, conv_w)
+    return _geometry_of(*sizes, pool_h, pool_w, relu)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry_of(*fields: int) -> native.ConvPoolGeometry:
+    """A Geometry with these fields (in ConvPoolGeometry's order), built once per distinct set:
+    building a ctypes Structure costs more than the rest of a small block's Python. The kernels
+    only read it."""
+    return native.ConvPoolGeometry(*fields)
 
 
 def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
@@ -177,12 +174,6 @@ def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
 def _padded(values: int) -> int:
     """values rounded up to whole vectors of native.LANES."""
     return -(-values // native.LANES) * native.LANES
-
-
-def _pad_channels(tensor: torch.Tensor) -> torch.Tensor:
-    """Zero-pad the last dimension (output channels) to a multiple of native.LANES; contiguous."""
-    extra = _padded(tensor.shape[-1]) - tensor.shape[-1]
-    return torch.nn.functional.pad(tensor, (0, extra)).contiguous()
 
 
 def _check(status: int) -> None:
@@ -205,8 +196,8 @@ class _ConvPool(torch.autograd.Function):
         assert lib is not None
         g = geometry
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last or 1 channel
-        w_hwio = _pad_channels(weight.detach().permute(2, 3, 1, 0))  # (kh, kw, in_c, out_c_pad)
-        b = _pad_channels(bias.detach()) if bias is not None else None
+        w = weight.detach().contiguous()  # the kernel relays it out (weights_by_tap)
+        b = bias.detach().contiguous() if bias is not None else None
         batch = x.shape[0]
         y = torch.empty(
             (batch, g.out_c, g.pool_h, g.pool_w), dtype=out_dtype, memory_format=torch.channels_last
@@ -216,13 +207,13 @@ class _ConvPool(torch.autograd.Function):
             torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8) if train else None
         )
         y_is_bf16 = int(out_dtype == torch.bfloat16)
-        inputs = (_pointer(x_nhwc), _pointer(w_hwio), _pointer(b))
+        inputs = (_pointer(x_nhwc), _pointer(w), _pointer(b))
         outputs = (_pointer(y), y_is_bf16, _pointer(argmax))
         threads = torch.get_num_threads()
         _check(lib.conv_pool_forward(ctypes.byref(g), *inputs, batch, *outputs, threads))
         if train:
             ctx.save_for_backward(x_nhwc, argmax)
-            ctx.geometry, ctx.weight_shape, ctx.has_bias = g, weight.shape, bias is not None
+            ctx.geometry, ctx.has_bias = g, bias is not None
         return y
 
     @staticmethod
@@ -234,23 +225,12 @@ class _ConvPool(torch.autograd.Function):
         if grad_y.dtype not in (torch.float32, torch.bfloat16):
             grad_y = grad_y.float()
         grad = grad_y.permute(0, 2, 3, 1).contiguous()  # (B, pool_h, pool_w, out_c)
-        batch = grad.shape[0]
-        chunks = -(-batch // GRAD_CHUNK)
-        out_c_pad = _padded(g.out_c)
-        grad_w = torch.zeros((chunks, g.kh * g.kw * g.in_c * out_c_pad))
-        grad_b = torch.zeros((chunks, out_c_pad))
+        weight_grad = torch.empty((g.out_c, g.in_c, g.kh, g.kw))
+        bias_grad = torch.empty(g.out_c) if ctx.has_bias else None
         inputs = (_pointer(x_nhwc), _pointer(grad), int(grad.dtype == torch.bfloat16))
-        outputs = (_pointer(grad_w), _pointer(grad_b))
-        threads = torch.get_num_threads()
-        _check(
-            lib.conv_pool_weight_grad(
-                ctypes.byref(g), *inputs, _pointer(argmax), batch, GRAD_CHUNK, *outputs, threads
-            )
-        )
-        out_c, in_c, kh, kw = ctx.weight_shape
-        weight_grad = grad_w.sum(0).view(kh, kw, in_c, out_c_pad)[..., :out_c]
-        weight_grad = weight_grad.permute(3, 2, 0, 1).contiguous()
-        bias_grad = grad_b.sum(0)[:out_c] if ctx.has_bias else None
+        images = (_pointer(argmax), grad.shape[0], GRAD_CHUNK)
+        outputs = (_pointer(weight_grad), _pointer(bias_grad), torch.get_num_threads())
+        _check(lib.conv_pool_weight_grad(ctypes.byref(g), *inputs, *images, *outputs))
         return (
             None,
             weight_grad if ctx.needs_input_grad[1] else None,

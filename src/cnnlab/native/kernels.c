@@ -11,14 +11,15 @@
  *
  * Layouts (all contiguous):
  *   x       input, float32 [batch][in_h][in_w][in_c] (NHWC: channels_last)
- *   w       weights, float32 [kh][kw][in_c][out_c_pad], out_c_pad = out_c rounded up to a
- *           multiple of LANES, the extra channels zero
- *   bias    float32 [out_c_pad], or NULL
+ *   w       weights, float32 [out_c][in_c][kh][kw] (PyTorch's layout); the kernels use them as
+ *           [kh][kw][in_c][out_c_pad], out_c_pad = out_c rounded up to a multiple of LANES,
+ *           the extra channels zero (weights_by_tap)
+ *   bias    float32 [out_c], or NULL
  *   y       output [batch][pool_h][pool_w][out_c], float32 or bfloat16 (uint16 bits)
  *   argmax  uint8 [batch][pool_h][pool_w][out_c]: the window position (0-3, row-major) that
  *           won the max, or NO_GRADIENT where the ReLU after the pool zeroed the output
  *   grad    float32 or bfloat16, laid out as y
- *   grad_w  float32 [chunks][kh][kw][in_c][out_c_pad], grad_b float32 [chunks][out_c_pad]
+ *   grad_w  float32 [out_c][in_c][kh][kw], grad_b float32 [out_c]
  *
  * The convolution has stride 1 and zero padding (pad_top, pad_left; the bottom and right
  * padding follow from conv_h and conv_w). Pool window (i, j) covers conv rows 2i, 2i+1 and
@@ -413,18 +414,42 @@ static int forward_images(const Geometry *g, const float *x, const float *w, con
     return SHAPED(forward_shaped, g, x, w, bias, b0, b1, y, y_is_bf16, argmax);
 }
 
+/* PyTorch's weights w [out_c][in_c][kh][kw] and bias [out_c] (or NULL) as the kernels read
+ * them: [kh][kw][in_c][out_c_pad], then the bias as [out_c_pad] unless it is NULL, the extra
+ * channels zero. One allocation (free it); NULL when out of memory. Relaid out here rather than
+ * by the caller: a handful of PyTorch ops per call cost more than the kernel on small batches. */
+static float *weights_by_tap(const Geometry *g, const float *w, const float *bias) {
+    const int out_c_pad = padded(g->out_c), kh = g->kh, kw = g->kw, in_c = g->in_c;
+    const int64_t size = (int64_t)kh * kw * in_c * out_c_pad;
+    float *by_tap = calloc((size_t)(size + (bias ? out_c_pad : 0)), sizeof(float));
+    if (!by_tap) return NULL;
+    for (int o = 0; o < g->out_c; o++)
+        for (int c = 0; c < in_c; c++)
+            for (int ky = 0; ky < kh; ky++)
+                for (int kx = 0; kx < kw; kx++)
+                    by_tap[((int64_t)(ky * kw + kx) * in_c + c) * out_c_pad + o] =
+                        w[((int64_t)(o * in_c + c) * kh + ky) * kw + kx];
+    if (bias) memcpy(by_tap + size, bias, sizeof(float) * (size_t)g->out_c);
+    return by_tap;
+}
+
 /* pool(act(conv(x))) for the whole batch, images split over `threads` OpenMP threads. */
 int conv_pool_forward(const Geometry *g, const float *x, const float *w, const float *bias,
                       int64_t batch, void *y, int32_t y_is_bf16, uint8_t *argmax,
                       int32_t threads) {
     if (g->kh * g->kw * g->in_c > MAX_TAPS) return -1;
+    float *by_tap = weights_by_tap(g, w, bias);
+    if (!by_tap) return -2;
+    const float *bias_pad = bias ? by_tap + (int64_t)g->kh * g->kw * g->in_c * padded(g->out_c)
+                                 : NULL;
     int status = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
     {
         int64_t b0, b1;
         share(batch, &b0, &b1);
-        status = forward_images(g, x, w, bias, b0, b1, y, y_is_bf16, argmax);
+        status = forward_images(g, x, by_tap, bias_pad, b0, b1, y, y_is_bf16, argmax);
     }
+    free(by_tap);
     return status;
 }
 
@@ -564,25 +589,38 @@ static int weight_grad_images(const Geometry *g, const float *x, const void *gra
     return SHAPED(weight_grad_shaped, g, x, grad, grad_is_bf16, argmax, b0, b1, grad_w, grad_b);
 }
 
-/* The weight and bias gradients of each chunk of `chunk` images, chunk k into grad_w[k] and
- * grad_b[k] (zeroed by the caller; grad_b may be NULL): the caller sums them in a fixed
- * order, so the result does not depend on the number of threads. */
+/* The weight gradient grad_w [out_c][in_c][kh][kw] and bias gradient grad_b [out_c] (or NULL).
+ * Each chunk of `chunk` images accumulates into its own partial gradient, and the partials
+ * are summed in chunk order, so the result does not depend on the number of threads. */
 int conv_pool_weight_grad(const Geometry *g, const float *x, const void *grad,
                           int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch,
                           int64_t chunk, float *grad_w, float *grad_b, int32_t threads) {
     (void)threads; /* unused without OpenMP */
-    if (g->kh * g->kw * g->in_c > MAX_TAPS || chunk < 1) return -1;
+    const int kh = g->kh, kw = g->kw, in_c = g->in_c, out_c = g->out_c, out_c_pad = padded(out_c);
+    if (kh * kw * in_c > MAX_TAPS || chunk < 1) return -1;
     const int64_t chunks = (batch + chunk - 1) / chunk;
-    const int64_t w_size = (int64_t)g->kh * g->kw * g->in_c * padded(g->out_c);
+    const int64_t w_size = (int64_t)kh * kw * in_c * out_c_pad, size = w_size + out_c_pad;
+    float *partial = calloc((size_t)(chunks * size), sizeof(float));
+    if (!partial) return -2;
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
     for (int64_t k = 0; k < chunks; k++) {
         const int64_t end = (k + 1) * chunk < batch ? (k + 1) * chunk : batch;
-        const int done =
-            weight_grad_images(g, x, grad, grad_is_bf16, argmax, k * chunk, end,
-                               grad_w + k * w_size, grad_b ? grad_b + k * padded(g->out_c) : NULL);
+        float *part = partial + k * size;
+        const int done = weight_grad_images(g, x, grad, grad_is_bf16, argmax, k * chunk, end,
+                                            part, grad_b ? part + w_size : NULL);
         status = done < status ? done : status;
     }
+    for (int64_t k = 1; k < chunks; k++)
+        for (int64_t t = 0; t < size; t++) partial[t] += partial[k * size + t];
+    for (int o = 0; o < out_c; o++)
+        for (int c = 0; c < in_c; c++)
+            for (int ky = 0; ky < kh; ky++)
+                for (int kx = 0; kx < kw; kx++)
+                    grad_w[((int64_t)(o * in_c + c) * kh + ky) * kw + kx] =
+                        partial[((int64_t)(ky * kw + kx) * in_c + c) * out_c_pad + o];
+    if (grad_b) memcpy(grad_b, partial + w_size, sizeof(float) * (size_t)out_c);
+    free(partial);
     return status;
 }
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from cnnlab.config import TrainConfig
 
-AdamLists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+# (exp_avgs, exp_avg_sqs, steps, one tensor holding all the steps)
+AdamLists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -87,11 +88,11 @@ class Updater:
         if lists is None:
             self.optimizer.step()
             return
-        exp_avgs, exp_avg_sqs, steps = lists
+        exp_avgs, exp_avg_sqs, steps, all_steps = lists
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         adam = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        torch._foreach_add_(steps, 1)
+        all_steps.add_(1)  # one op, where _foreach_add_(steps, 1) runs one per parameter on a CPU
         adam(
             self.params,
             [p.grad for p in self.params],
@@ -109,7 +110,7 @@ class Updater:
         )
 
     def _fused_adam_lists(self) -> AdamLists | None:
-        """(exp_avgs, exp_avg_sqs, steps) where the fused kernel can run directly, else None."""
+        """The state lists where the fused kernel can run directly, else None."""
         state = self.optimizer.state
         if state is not self._state or len(state) != self._state_size:
             self._state, self._state_size, self._lists = state, len(state), self._gather()
@@ -135,10 +136,17 @@ class Updater:
         ready = all(state and "exp_avg" in state for state in states)
         if not (group["fused"] and plain and same_kind and ready):
             return None
+        # Each parameter's step count becomes an element of one tensor (the state keeps a 0-d
+        # view of it, which optimizer.step(), state_dict and checkpoints use as before), so one
+        # add_ counts the step for all of them.
+        all_steps = torch.stack([state["step"] for state in states])  # type: ignore[index]
+        for i, state in enumerate(states):
+            state["step"] = all_steps[i]  # type: ignore[index]
         return (
             [state["exp_avg"] for state in states],  # type: ignore[index]
             [state["exp_avg_sq"] for state in states],  # type: ignore[index]
             [state["step"] for state in states],  # type: ignore[index]
+            all_steps,
         )
 
     def _hooked(self) -> bool:
