@@ -212,6 +212,68 @@ def test_bf16_training_gradients_are_as_close_to_fp32_as_autocasts(kernels):
         assert error < 0.15 and error <= modules_error * 1.2, (name, error, modules_error)
 
 
+def padded_block_model(filters: int) -> CnnModel:
+    """conv-pool, then a 2x2 'same' conv (TF pads it below and to the right only) and a pool."""
+    torch.manual_seed(0)
+    layers = [
+        {"Conv2D": {"filters": filters, "kernel_size": 3, "padding": "same", "activation": "relu"}},
+        {"MaxPool2D": {"pool_size": 2}},
+        {"Conv2D": {"filters": 16, "kernel_size": 2, "padding": "same", "activation": "relu"}},
+        {"MaxPool2D": {"pool_size": 2}},
+        {"Flatten": {}},
+        {"Dense": {"units": 3}},
+    ]
+    return build_model(layers, (1, 12, 10), 3)
+
+
+def padded_run(model: CnnModel, x: torch.Tensor, *, write_padding: bool, bf16: bool):
+    """Logits, gradients and conv_pool's output shapes of one training pass."""
+    model = copy.deepcopy(model)
+    original_pad, original_pool = fused.bottom_right_pad, fused.conv_pool
+    shapes = []
+
+    def recording(*args):
+        y = original_pool(*args)
+        shapes.append(tuple(y.shape[2:]))
+        return y
+
+    fused.conv_pool = recording
+    if not write_padding:
+        fused.bottom_right_pad = lambda conv: None
+    try:
+        with counted("conv_then_pool") as pooled, torch.autocast("cpu", enabled=bf16):
+            logits = model(x)
+        F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
+    finally:
+        fused.bottom_right_pad, fused.conv_pool = original_pad, original_pool
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return logits.detach(), grads, shapes, len(pooled)
+
+
+# On 32 channels the 2x2 conv runs as a module (as in `dropout`); on 8 conv_then_pool takes it.
+@pytest.mark.parametrize("filters", [32, 8])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_kernel_writes_the_next_convs_padding_with_the_same_results(kernels, filters, bf16):
+    model, x = padded_block_model(filters), torch.randn(5, 1, 12, 10)
+    logits, grads, shapes, pooled = padded_run(model, x, write_padding=True, bf16=bf16)
+    ref_logits, ref_grads, ref_shapes, ref_pooled = padded_run(
+        model, x, write_padding=False, bf16=bf16
+    )
+    assert shapes == [(7, 6)] and ref_shapes == [(6, 5)]  # one row and column of zeros more
+    assert pooled == ref_pooled == (1 if filters == 8 else 0)
+    assert torch.equal(logits, ref_logits)
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
+
+
+def test_a_hooked_next_conv_gets_its_input_unpadded(kernels):
+    model, x = padded_block_model(32), torch.randn(5, 1, 12, 10)
+    seen = []
+    model.layers[2].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    _, _, shapes, _ = padded_run(model, x, write_padding=True, bf16=False)
+    assert shapes == [(6, 5)] and seen == [torch.Size([5, 32, 6, 5])]
+
+
 def test_nan_and_ties_follow_max_pool(kernels):
     """NaN wins a window, as in torch.max_pool2d; a tie sends the gradient to the first max."""
     model = block_model((1, 4, 4), 2, (1, 1), "valid", "valid", None, False)

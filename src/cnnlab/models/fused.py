@@ -131,13 +131,15 @@ def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> boo
     )
 
 
-def _geometry(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> native.ConvPoolGeometry:
+def _geometry(
+    conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor, pad_after: tuple[int, int]
+) -> native.ConvPoolGeometry:
     top, left = _padding(conv)
     if conv.uneven_pad is not None:
         pad_h, pad_w = top + conv.uneven_pad[3], left + conv.uneven_pad[1]
     else:
         pad_h, pad_w = 2 * top, 2 * left
-    return _block_geometry(conv, pool, x.shape, (top, left), (pad_h, pad_w))
+    return _block_geometry(conv, pool, x.shape, (top, left), (pad_h, pad_w), pad_after)
 
 
 def _block_geometry(
@@ -146,9 +148,11 @@ def _block_geometry(
     shape: torch.Size,
     top_left: tuple[int, int],
     total_pad: tuple[int, int],
+    pad_after: tuple[int, int] = (0, 0),
 ) -> native.ConvPoolGeometry:
     """Conv and pool sizes for an input of this shape (B, C, H, W), zero-padded by top_left
-    above and to the left and by total_pad in all (rows, columns)."""
+    above and to the left and by total_pad in all (rows, columns); the pooled output laid out
+    with pad_after more (rows, columns) of zeros below and to the right."""
     _, in_c, in_h, in_w = shape
     kh, kw = conv.kernel_size
     conv_h, conv_w = in_h + total_pad[0] - kh + 1, in_w + total_pad[1] - kw + 1
@@ -156,7 +160,8 @@ def _block_geometry(
     pool_h, pool_w = (conv_h + pool_pad[3]) // 2, (conv_w + pool_pad[1]) // 2
     relu = int(conv.activation_name == "relu")
     sizes = (in_h, in_w, in_c, conv.out_channels, kh, kw, *top_left, conv_h, conv_w)
-    return _geometry_of(*sizes, pool_h, pool_w, relu)
+    layout = (pool_h + pad_after[0], pool_w + pad_after[1])
+    return _geometry_of(*sizes, pool_h, pool_w, relu, *layout)
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,11 +205,15 @@ class _ConvPool(torch.autograd.Function):
         b = bias.detach().contiguous() if bias is not None else None
         batch = x.shape[0]
         y = torch.empty(
-            (batch, g.out_c, g.pool_h, g.pool_w), dtype=out_dtype, memory_format=torch.channels_last
+            (batch, g.out_c, g.out_rows, g.out_cols),
+            dtype=out_dtype,
+            memory_format=torch.channels_last,
         )
         # The winning window positions, kept for the weight gradient (in training only).
         argmax = (
-            torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8) if train else None
+            torch.empty((batch, g.out_rows, g.out_cols, g.out_c), dtype=torch.uint8)
+            if train
+            else None
         )
         y_is_bf16 = int(out_dtype == torch.bfloat16)
         inputs = (_pointer(x_nhwc), _pointer(w), _pointer(b))
@@ -241,15 +250,30 @@ class _ConvPool(torch.autograd.Function):
         )
 
 
-def conv_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
+def conv_pool(
+    conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor, pad_after: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
     """pool(conv(x)) for a `fusable` pair and a `fusable_now` input, in one kernel. The output
-    is bf16 under CPU bf16 autocast (as the conv's would be), else float32; channels_last."""
+    is bf16 under CPU bf16 autocast (as the conv's would be), else float32; channels_last.
+    With pad_after = (rows, columns) it comes zero-padded below and to the right by as many:
+    the uneven 'same' padding of a next conv (see `bottom_right_pad`), without a pad pass."""
     bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     out_dtype = torch.bfloat16 if bf16 else torch.float32
     parameters = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
     train = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
-    geometry = _geometry(conv, pool, x)
+    geometry = _geometry(conv, pool, x, pad_after)
     return _ConvPool.apply(x, conv.weight, conv.bias, geometry, out_dtype, train)
+
+
+def bottom_right_pad(conv: KerasConv2D) -> tuple[int, int] | None:
+    """(rows, columns) of zeros that this conv adds below and to the right of its input, where
+    that is all the padding it has (TF's 'same' for even kernels: (0, 1, 0, 1)) and no hook
+    watches it: `conv_pool` can then write them, and the conv runs on its input as it is
+    (KerasConv2D.forward_padded)."""
+    pad = conv.uneven_pad
+    if pad is None or pad[0] or pad[2] or _watched(conv) or _globally_watched():
+        return None
+    return pad[3], pad[1]
 
 
 def pool_fits(pool: KerasMaxPool2D, x: torch.Tensor) -> bool:

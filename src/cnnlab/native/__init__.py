@@ -53,6 +53,8 @@ class ConvPoolGeometry(ctypes.Structure):
             "pool_h",
             "pool_w",
             "relu",
+            "out_rows",
+            "out_cols",
         )
     ]
 

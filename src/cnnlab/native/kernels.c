@@ -15,9 +15,10 @@
  *           [kh][kw][in_c][out_c_pad], out_c_pad = out_c rounded up to a multiple of LANES,
  *           the extra channels zero (weights_by_tap)
  *   bias    float32 [out_c], or NULL
- *   y       output [batch][pool_h][pool_w][out_c], float32 or bfloat16 (uint16 bits)
- *   argmax  uint8 [batch][pool_h][pool_w][out_c]: the window position (0-3, row-major) that
- *           won the max, or NO_GRADIENT where the ReLU after the pool zeroed the output
+ *   y       output [batch][pool_h][pool_w][out_c], float32 or bfloat16 (uint16 bits); in
+ *           conv_pool_forward [batch][out_rows][out_cols][out_c], zero beyond pool_h, pool_w
+ *   argmax  uint8, laid out as y: the window position (0-3, row-major) that won the max, or
+ *           NO_GRADIENT where the ReLU after the pool zeroed the output
  *   grad    float32 or bfloat16, laid out as y
  *   grad_w  float32 [out_c][in_c][kh][kw], grad_b float32 [out_c]
  *
@@ -65,6 +66,11 @@ typedef struct {
     int32_t conv_h, conv_w;
     int32_t pool_h, pool_w;
     int32_t relu; /* 1: ReLU after the pool (it commutes with max), 0: no activation */
+    /* Rows and columns of y, argmax and grad in conv_pool_forward and conv_pool_weight_grad:
+     * pool_h and pool_w, or more where y also holds the zero padding that the next conv needs
+     * below and to the right (written here, so that no separate pad pass copies y). The other
+     * kernels leave them alone. */
+    int32_t out_rows, out_cols;
 } Geometry;
 
 INLINE vf load(const float *p) { return *(const vf_unaligned *)p; }
@@ -336,6 +342,19 @@ INLINE void window_valid(const Geometry *g, int i, int j, int valid[4]) {
     valid[3] = valid_row && valid_col;
 }
 
+/* Zeroes image b's y beyond the pooled output: columns from pool_w on, rows from pool_h on. */
+static void zero_border(const Geometry *g, void *y, int y_is_bf16, int64_t b) {
+    const size_t elem = y_is_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t pixel = (size_t)g->out_c * elem, row = (size_t)g->out_cols * pixel;
+    char *image = (char *)y + (size_t)b * (size_t)g->out_rows * row;
+    if (g->out_cols > g->pool_w)
+        for (int i = 0; i < g->pool_h; i++)
+            memset(image + i * row + (size_t)g->pool_w * pixel, 0,
+                   (size_t)(g->out_cols - g->pool_w) * pixel);
+    if (g->out_rows > g->pool_h)
+        memset(image + (size_t)g->pool_h * row, 0, (size_t)(g->out_rows - g->pool_h) * row);
+}
+
 /* Images [b0, b1) of the batch; kh, kw and in_c are g's, passed apart so that callers can
  * make them constants the compiler unrolls (see SHAPED). */
 INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
@@ -343,7 +362,7 @@ INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const i
                           int64_t b1, void *y, int y_is_bf16, uint8_t *argmax) {
     const int out_c = g->out_c, out_c_pad = padded(out_c), packed = out_c == HALF;
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
-    const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    const int64_t pooled = (int64_t)g->out_rows * g->out_cols * out_c;
     float spread[MAX_TAPS * LANES], bias_spread[LANES];
     if (packed) {
         spread_weights(w, kh * kw * in_c, out_c_pad, spread);
@@ -359,7 +378,7 @@ INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const i
                 int valid[2][4];
                 for (int n = 0; n < count; n++) window_valid(g, i, j + n, valid[n]);
                 const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
-                const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                const int64_t at = b * pooled + ((int64_t)i * g->out_cols + j) * out_c;
                 if (packed && count == 2 && valid[1][3]) { /* both windows whole */
                     vf acc[4];
                     window_pair_packed(kh, kw, in_c, corner, row, spread,
@@ -396,6 +415,7 @@ INLINE int forward_shaped(const Geometry *g, const int kh, const int kw, const i
                 }
             }
         }
+        zero_border(g, y, y_is_bf16, b);
     }
     free(buf);
     return 0;
@@ -527,7 +547,7 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
     const int out_c = g->out_c, out_c_pad = padded(out_c), packed = out_c == HALF;
     const int taps = kh * kw * in_c;
     const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
-    const int64_t pooled = (int64_t)g->pool_h * g->pool_w * out_c;
+    const int64_t pooled = (int64_t)g->out_rows * g->out_cols * out_c;
     float spread[MAX_TAPS * LANES];
     vf spread_b = {0};
     if (packed) memset(spread, 0, sizeof(float) * (size_t)(taps * LANES));
@@ -539,7 +559,7 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
             for (int j = 0; j < g->pool_w; j += 2) {
                 const int count = j + 1 < g->pool_w ? 2 : 1;
                 const float *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
-                const int64_t at = b * pooled + ((int64_t)i * g->pool_w + j) * out_c;
+                const int64_t at = b * pooled + ((int64_t)i * g->out_cols + j) * out_c;
                 if (packed && count == 2) {
                     vf routed[4], live;
                     route(grad, grad_is_bf16, argmax, at, LANES, routed, &live);
