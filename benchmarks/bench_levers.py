@@ -63,6 +63,7 @@ def variant(
     trained_stem: bool = False,
     onednn_conv_grads: bool = False,
     torch_optim_steps: bool = False,
+    pad_pass: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -100,6 +101,8 @@ def variant(
         stepper.updater = TorchOptimSteps(stepper.optimizer)  # type: ignore[assignment]
     if onednn_conv_grads:  # the gates are module settings: closed for this stepper's steps only
         stepper.step = functools.partial(without_conv_then_pool, stepper.step)  # type: ignore[method-assign]
+    if pad_pass:  # the next conv pads its input itself (F.pad), as before the fourteenth session
+        stepper.step = functools.partial(with_pad_pass, stepper.step)  # type: ignore[method-assign]
     return stepper
 
 
@@ -123,6 +126,15 @@ def without_conv_then_pool(step: Callable[[], object]) -> object:
         return step()
     finally:
         fused.MIN_RUN, fused.MAX_SHIFTED_BYTES = min_run, max_shifted
+
+
+def with_pad_pass(step: Callable[[], object]) -> object:
+    bottom_right_pad = fused.bottom_right_pad
+    fused.bottom_right_pad = lambda conv: None
+    try:
+        return step()
+    finally:
+        fused.bottom_right_pad = bottom_right_pad
 
 
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +170,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("frozen whitening conv, no BatchNorm, as first block", {}, {"trained_stem": True}),
         ("conv gradients from the pool's winners in C", {}, {"onednn_conv_grads": True}),
         ("optimizer steps by the Updater", {}, {"torch_optim_steps": True}),
+        ("first block writes the next conv's padding", {}, {"pad_pass": True}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -166,6 +179,8 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         if lever.startswith(("global", "frozen")) and preset != "fast":
             continue
         if lever.startswith("conv gradients") and preset not in ("tiny", "basic"):
+            continue
+        if lever.startswith("first block") and preset != "dropout":
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
