@@ -43,6 +43,17 @@ def assert_same(a: torch.nn.Module, opt_a, b: torch.nn.Module, opt_b) -> None:
             assert torch.equal(value, opt_b.state[pb][key]), key
 
 
+def trained_pair(steps: int):
+    """A model trained by optimizer.step() and its twin trained by an Updater, `steps` each."""
+    config = TrainConfig(optimizer="adam")
+    reference, direct = make_model(), make_model()
+    opt_ref, opt_direct = make_optimizer(reference, config), make_optimizer(direct, config)
+    updater = Updater(opt_direct)
+    train(reference, opt_ref, steps, updater=None)
+    train(direct, opt_direct, steps, updater=updater)
+    return reference, opt_ref, direct, opt_direct, updater
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_fused_adam_steps_equal_optimizer_steps_bit_for_bit(name, weight_decay) -> None:
@@ -78,12 +89,7 @@ def test_a_loaded_optimizer_state_is_used_not_the_lists_gathered_before() -> Non
 
 
 def test_step_counts_share_one_tensor_and_survive_a_checkpoint(tmp_path) -> None:
-    config = TrainConfig(optimizer="adam")
-    reference, direct = make_model(), make_model()
-    opt_ref, opt_direct = make_optimizer(reference, config), make_optimizer(direct, config)
-    updater = Updater(opt_direct)
-    train(reference, opt_ref, 3, updater=None)
-    train(direct, opt_direct, 3, updater=updater)
+    reference, opt_ref, direct, opt_direct, _ = trained_pair(3)
     steps = [opt_direct.state[p]["step"] for p in direct.parameters()]
     assert len({step.untyped_storage().data_ptr() for step in steps}) == 1
     assert [float(step) for step in steps] == [3.0] * len(steps)
@@ -92,7 +98,7 @@ def test_step_counts_share_one_tensor_and_survive_a_checkpoint(tmp_path) -> None
     torch.save({"model": direct.state_dict(), "optimizer": opt_direct.state_dict()}, path)
     loaded = torch.load(path, weights_only=True)
     resumed = make_model()
-    opt_resumed = make_optimizer(resumed, config)
+    opt_resumed = make_optimizer(resumed, TrainConfig(optimizer="adam"))
     resumed.load_state_dict(loaded["model"])
     opt_resumed.load_state_dict(loaded["optimizer"])
     train(reference, opt_ref, 2, updater=None, start=3)
@@ -101,12 +107,7 @@ def test_step_counts_share_one_tensor_and_survive_a_checkpoint(tmp_path) -> None
 
 
 def test_a_missing_gradient_or_a_hook_goes_through_optimizer_step() -> None:
-    config = TrainConfig(optimizer="adam")
-    reference, direct = make_model(), make_model()
-    opt_ref, opt_direct = make_optimizer(reference, config), make_optimizer(direct, config)
-    updater = Updater(opt_direct)
-    train(reference, opt_ref, 2, updater=None)
-    train(direct, opt_direct, 2, updater=updater)
+    reference, opt_ref, direct, opt_direct, updater = trained_pair(2)
     for model, step in ((reference, opt_ref.step), (direct, updater.step)):
         set_grads(model, 7)
         model[0].bias.grad = None  # torch's Adam leaves such a parameter and its state alone

@@ -450,12 +450,10 @@ class _ConvThenPool(torch.autograd.Function):
         if ctx.needs_input_grad[0] and input_grad_fits(conv):
             grad_x = torch.empty_like(padded)  # channels_last, as padded
             w_nhwc = w.float().permute(0, 2, 3, 1).contiguous()  # [out_c][kh][kw][in_c]
-            shifted = torch.empty(_shifted_floats(g.out_c, g.in_c, g.kh, g.kw))
             _check(
                 lib.pooled_input_grad(
                     ctypes.byref(g),
                     _pointer(w_nhwc),
-                    _pointer(shifted),
                     _pointer(grad),
                     is_bf16,
                     _pointer(argmax),
@@ -491,11 +489,7 @@ class _ConvThenPool(torch.autograd.Function):
             left, _, top, _ = conv.uneven_pad
             height, width = ctx.input_shape[2:]
             grad_x = grad_x[:, :, top : top + height, left : left + width]
-        kh, kw, in_c = g.kh, g.kw, g.in_c
-        chunks = -(-batch // GRAD_CHUNK)
-        run = _padded(kw * in_c)
-        partial = torch.zeros(chunks * (out_c * kh * run + out_c))
-        grad_w = torch.empty((out_c, in_c, kh, kw), memory_format=torch.channels_last)
+        grad_w = torch.empty((out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
         grad_b = torch.empty(out_c) if ctx.has_bias else None
         x_nhwc = padded.permute(0, 2, 3, 1)  # contiguous: padded is channels_last
         _check(
@@ -508,7 +502,6 @@ class _ConvThenPool(torch.autograd.Function):
                 _pointer(argmax),
                 batch,
                 GRAD_CHUNK,
-                _pointer(partial),
                 _pointer(grad_w),
                 _pointer(grad_b),
                 threads,

@@ -892,20 +892,8 @@ class LayerStack(nn.Sequential):
                 and fused.fusable(module, following)
                 and fused.fusable_now(module, following, x)
             ):
-                after = modules[i + 2] if i + 2 < len(modules) else None
-                pad = fused.bottom_right_pad(after) if isinstance(after, KerasConv2D) else None
-                x = fused.conv_pool(module, following, x, pad or (0, 0))
-                i += 2
-                if pad is not None and isinstance(after, KerasConv2D):
-                    # The kernel wrote the next conv's padding (`dropout`'s 2x2 'same' conv: a
-                    # pad pass and a copy of its gradient less, training steps 1.01-1.04x).
-                    pool = modules[i + 1] if i + 1 < len(modules) else None
-                    if isinstance(pool, KerasMaxPool2D) and fused.pooled_grad_fits(after, pool, x):
-                        x = x[:, :, : x.shape[2] - pad[0], : x.shape[3] - pad[1]]  # it pads
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    else:
-                        x = after.forward_padded(x)
-                        i += 1
+                x, ran = self._conv_pool(modules, i, x)
+                i += ran
             elif (
                 isinstance(module, KerasConv2D)
                 and isinstance(following, KerasMaxPool2D)
@@ -917,6 +905,22 @@ class LayerStack(nn.Sequential):
                 x = module(x)
                 i += 1
         return x
+
+    @staticmethod
+    def _conv_pool(modules: list[nn.Module], i: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The fused conv-pool block at modules[i], and the conv after it where the kernel can
+        write that conv's padding (`dropout`'s 2x2 'same' convs: a pad pass and a copy of its
+        gradient less, training steps 1.01-1.04x); the output and how many modules ran."""
+        after = modules[i + 2] if i + 2 < len(modules) else None
+        pad = fused.bottom_right_pad(after) if isinstance(after, KerasConv2D) else None
+        x = fused.conv_pool(modules[i], modules[i + 1], x, pad or (0, 0))
+        if pad is None or not isinstance(after, KerasConv2D):
+            return x, 2
+        pool = modules[i + 3] if i + 3 < len(modules) else None
+        if isinstance(pool, KerasMaxPool2D) and fused.pooled_grad_fits(after, pool, x):
+            x = x[:, :, : x.shape[2] - pad[0], : x.shape[3] - pad[1]]  # conv_then_pool pads
+            return x.contiguous(memory_format=torch.channels_last), 2
+        return after.forward_padded(x), 3
 
 
 class CnnModel(nn.Module):

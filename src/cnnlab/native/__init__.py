@@ -141,13 +141,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.max_pool_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32, pointer]
     lib.max_pool_backward.argtypes += [i32]
     lib.max_pool_backward.restype = ctypes.c_int
-    # (geometry, x, x_is_bf16, grad, grad_is_bf16, argmax, batch, chunk, partial, grad_w, grad_b,
-    #  threads)
+    # (geometry, x, x_is_bf16, grad, grad_is_bf16, argmax, batch, chunk, grad_w, grad_b, threads)
     lib.pooled_weight_grad.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i64, i64]
-    lib.pooled_weight_grad.argtypes += [pointer, pointer, pointer, i32]
+    lib.pooled_weight_grad.argtypes += [pointer, pointer, i32]
     lib.pooled_weight_grad.restype = ctypes.c_int
-    # (geometry, w, shifted, grad, grad_is_bf16, argmax, batch, grad_x, x_is_bf16, threads)
-    lib.pooled_input_grad.argtypes = [geometry, pointer, pointer, pointer, i32, pointer, i64]
+    # (geometry, w, grad, grad_is_bf16, argmax, batch, grad_x, x_is_bf16, threads)
+    lib.pooled_input_grad.argtypes = [geometry, pointer, pointer, i32, pointer, i64]
     lib.pooled_input_grad.argtypes += [pointer, i32, i32]
     lib.pooled_input_grad.restype = ctypes.c_int
     # (x, y, is_bf16, n, p, seed, threads)

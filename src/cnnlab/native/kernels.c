@@ -761,16 +761,18 @@ static int pooled_weight_grad_images(const Geometry *g, const void *x, int x_is_
 
 /* The weight gradient [out_c][kh][kw * in_c] (and the bias gradient, unless grad_b is NULL)
  * of the conv under a 2x2 max pool. Chunks of `chunk` images accumulate into their own rows of
- * `partial` ([chunks][out_c][kh][run] then [chunks][out_c], zeroed by the caller), summed in
- * chunk order at the end, so the result does not depend on the number of threads. */
+ * the partial gradients ([chunks][out_c][kh][run] then [chunks][out_c]), summed in chunk order
+ * at the end, so the result does not depend on the number of threads. */
 int pooled_weight_grad(const Geometry *g, const void *x, int32_t x_is_bf16, const void *grad,
                        int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch, int64_t chunk,
-                       float *partial, float *grad_w, float *grad_b, int32_t threads) {
+                       float *grad_w, float *grad_b, int32_t threads) {
     (void)threads; /* unused without OpenMP */
     const int run = run_length(g);
     if (run > MAX_RUN_VECTORS * LANES || chunk < 1) return -1;
     const int64_t chunks = (batch + chunk - 1) / chunk;
     const int64_t w_size = (int64_t)g->out_c * g->kh * run;
+    float *partial = calloc((size_t)(chunks * (w_size + g->out_c)), sizeof(float));
+    if (!partial) return -2;
     float *partial_b = partial + chunks * w_size;
     int status = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
@@ -799,6 +801,7 @@ int pooled_weight_grad(const Geometry *g, const void *x, int32_t x_is_bf16, cons
         for (int64_t k = 1; k < chunks; k++)
             for (int c = 0; c < g->out_c; c++) grad_b[c] += partial_b[k * g->out_c + c];
     }
+    free(partial);
     return status;
 }
 
@@ -927,12 +930,15 @@ static int pooled_input_grad_images(const Geometry *g, const float *shifted, con
     return status;
 }
 
-/* w: the conv's weights, float32 [out_c][kh][kw][in_c]; shifted: room for shift_kernels. */
-int pooled_input_grad(const Geometry *g, const float *w, float *shifted, const void *grad,
-                      int32_t grad_is_bf16, const uint8_t *argmax, int64_t batch, void *grad_x,
-                      int32_t x_is_bf16, int32_t threads) {
+/* w: the conv's weights, float32 [out_c][kh][kw][in_c]. */
+int pooled_input_grad(const Geometry *g, const float *w, const void *grad, int32_t grad_is_bf16,
+                      const uint8_t *argmax, int64_t batch, void *grad_x, int32_t x_is_bf16,
+                      int32_t threads) {
     (void)threads; /* unused without OpenMP */
     if (wide_run(g) > MAX_RUN_VECTORS * LANES) return -1;
+    const size_t floats = (size_t)g->out_c * 4 * (size_t)((g->kh + 1) * wide_run(g));
+    float *shifted = malloc(sizeof(float) * floats);
+    if (!shifted) return -2;
     shift_kernels(g, w, shifted);
     int status = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
@@ -943,6 +949,7 @@ int pooled_input_grad(const Geometry *g, const float *w, float *shifted, const v
                                                   grad_x, x_is_bf16);
         status = done < status ? done : status;
     }
+    free(shifted);
     return status;
 }
 

@@ -140,12 +140,13 @@ class Updater:
         # view of it, which optimizer.step(), state_dict and checkpoints use as before), so one
         # add_ counts the step for all of them.
         all_steps = torch.stack([state["step"] for state in states])  # type: ignore[index]
-        for i, state in enumerate(states):
-            state["step"] = all_steps[i]  # type: ignore[index]
+        steps = list(all_steps.unbind())
+        for state, step in zip(states, steps, strict=True):
+            state["step"] = step  # type: ignore[index]
         return (
             [state["exp_avg"] for state in states],  # type: ignore[index]
             [state["exp_avg_sq"] for state in states],  # type: ignore[index]
-            [state["step"] for state in states],  # type: ignore[index]
+            steps,
             all_steps,
         )
 
