@@ -4,8 +4,8 @@ For each of `tiny`, `basic` and `dropout`: the same layers, the same 28x28 Fashi
 (48,000 training images, 12,000 held out, the 10,000 test images), batch 128, Adam 1e-3, no
 augmentation, the same number of epochs. Keras trains in its own venv (keras_side.py), cnnlab
 in this process, alternating epoch by epoch (a Keras epoch, then a cnnlab epoch), so both see
-the same machine load. cnnlab uses its defaults (bf16 autocast where the CPU has AMX;
---no-amp for plain fp32). Epoch times are training steps only, validation excluded.
+the same machine load. cnnlab uses its defaults (bf16 autocast where the CPU has AMX or
+AVX512-BF16; --no-amp for plain fp32). Epoch times are training steps only, validation excluded.
 
     make bench-keras                  # installs .venv-keras first
     .venv/bin/python benchmarks/bench_keras.py --epochs 5 --keras-python .venv-keras/bin/python
@@ -84,7 +84,7 @@ def alternate(
 ) -> tuple[dict, dict]:
     """Train the net in Keras and in cnnlab, one Keras epoch before each cnnlab epoch."""
     from cnnlab import api
-    from cnnlab.inference import predict_logits
+    from cnnlab.inference import predict_logits, uses_bf16
     from cnnlab.models import summarize_model
     from cnnlab.training.loop import Callback
 
@@ -118,6 +118,7 @@ def alternate(
         data__augment__flip=False,
     )
     keras_result = keras.finish()
+    precision = "bf16 autocast" if uses_bf16(torch.device("cpu"), amp) else "fp32"
     test = result.training.data.test
     model, prep = result.training.model, result.training.info.preprocessing
     predict_logits(model, test.images[:1024], prep)  # warm-up
@@ -125,7 +126,7 @@ def alternate(
     predict_logits(model, test.images, prep)
     eval_rate = len(test) / (time.perf_counter() - started)
     cnnlab_result = {
-        "framework": f"cnnlab (torch {torch.__version__}, {'bf16 autocast' if amp else 'fp32'})",
+        "framework": f"cnnlab (torch {torch.__version__}, {precision})",
         "params": summarize_model(model).total_params,
         "epoch_seconds": [row["seconds"] for row in result.training.history],
         "test_accuracy": result.test_accuracy,
@@ -149,7 +150,7 @@ def main() -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="cnnlab with bf16 autocast where the CPU has AMX (its default)",
+        help="cnnlab with bf16 autocast where the CPU has AMX or AVX512-BF16 (its default)",
     )
     args = parser.parse_args()
     print(machine_line(), flush=True)

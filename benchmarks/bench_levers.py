@@ -1,6 +1,7 @@
 """Each speed lever on and off, interleaved in one process, so machine load hits both sides.
 
-Training steps (batch 128, bf16 autocast where the CPU has AMX, random uint8 images):
+Training steps (batch 128, random uint8 images, bf16 autocast where the CPU has AMX or
+AVX512-BF16):
   - activation after the pool + fused Adam, against Keras' order + foreach Adam
   - dropout in C (a Philox mask drawn and applied in one pass), against torch.rand masks
   - dropout masks from torch.rand, against nn.Dropout (bernoulli_)

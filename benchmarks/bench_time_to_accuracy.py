@@ -29,7 +29,8 @@ TOOK_LINE = re.compile(r"Training took ([\d.]+)s")
 
 
 def host_gflops() -> float:
-    """The machine's matrix-multiply rate right now (bf16 where the CPU has AMX, else fp32).
+    """The machine's matrix-multiply rate right now (bf16 where the CPU has bf16 in hardware,
+    AMX or AVX512-BF16; else fp32).
 
     The cores are shared with other jobs and their speed moves 2x within an hour; this figure,
     taken before each seed, says which runs met a slow stretch."""

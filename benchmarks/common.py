@@ -31,15 +31,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line() -> str:
+def bf16_line() -> str:
+    """Which bf16 hardware cnnlab's autocast runs on here (cnnlab.inference.cpu_has_fast_bf16)."""
     import torch
 
     from cnnlab.inference import cpu_has_fast_bf16
 
+    if not cpu_has_fast_bf16():
+        return "bf16 in hardware: no (fp32)"
+    try:
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        amx = False
+    return f"bf16 in hardware: {'AMX' if amx else 'AVX512-BF16, no AMX'}"
+
+
+def machine_line() -> str:
+    import torch
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{cpu_name()}, {cores} cores, AMX bf16: {'yes' if cpu_has_fast_bf16() else 'no'}, "
+        f"{cpu_name()}, {cores} cores, {bf16_line()}, "
         f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
         f"Python {platform.python_version()}, torch {torch.__version__}; load average {load:.1f}"
     )

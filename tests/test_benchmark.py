@@ -72,10 +72,38 @@ def test_bench_presets_reports_flops_consistent_with_throughput():
     assert result.train_gflops == pytest.approx(expected)
 
 
-def test_cpu_autocast_is_bf16_only_where_amx_makes_it_fast():
+def test_cpu_autocast_is_bf16_only_where_the_cpu_has_bf16_in_hardware():
     autocast = autocast_for(torch.device("cpu"))
     assert isinstance(autocast, torch.autocast) == cpu_has_fast_bf16()
     assert not isinstance(autocast_for(torch.device("cpu"), enabled=False), torch.autocast)
+
+
+def _raises() -> bool:
+    raise RuntimeError("probe failed")
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "fast"),
+    [
+        (lambda: True, lambda: False, True),  # Intel Sapphire Rapids and later
+        (lambda: False, lambda: True, True),  # AMD Zen 4 and later, Intel Cooper Lake
+        (lambda: False, lambda: False, False),  # bf16 would be emulated
+        (_raises, lambda: True, True),  # a failing probe does not hide the other
+        (_raises, _raises, False),
+        (None, None, False),  # a torch without the probes
+    ],
+)
+def test_fast_bf16_means_amx_tiles_or_avx512_bf16(monkeypatch, amx, avx512_bf16, fast):
+    for name, probe in (
+        ("_is_amx_tile_supported", amx),
+        ("_is_avx512_bf16_supported", avx512_bf16),
+    ):
+        if probe is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, probe, raising=False)
+    assert cpu_has_fast_bf16() is fast
+    assert isinstance(autocast_for(torch.device("cpu")), torch.autocast) is fast
 
 
 def test_predictions_are_exact_fp32_unless_amp_is_asked_for():

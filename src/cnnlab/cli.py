@@ -413,7 +413,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 autocast on CUDA and AMX CPUs (default on); --no-amp for fp32 throughout",
+        help="bf16 autocast on CUDA and on CPUs with bf16 in hardware (AMX or AVX512-BF16; "
+        "default on); --no-amp for fp32 throughout",
     )
     g.add_argument("--checkpoint-every-steps", type=int)
     g.add_argument("--checkpoint-every-minutes", type=float)

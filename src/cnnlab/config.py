@@ -112,7 +112,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: the cores other processes leave free, checked 2x a second)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (pays off on long GPU runs)
-    amp: bool = True  # bf16 autocast for training and evaluation on CUDA and CPUs with AMX
+    amp: bool = True  # bf16 autocast on CUDA and bf16 CPUs (AMX, AVX512-BF16): train and eval
 
 
 @dataclass(frozen=True)

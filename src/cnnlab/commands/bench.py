@@ -27,7 +27,7 @@ def register(command: Any) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="bf16 autocast where it is fast (CUDA, CPUs with AMX), as training does",
+        help="bf16 autocast where it is fast (CUDA, CPUs with AMX or AVX512-BF16), as training does",
     )
     p.add_argument("--format", choices=("table", "json"), default="table")
 
