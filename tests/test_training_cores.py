@@ -181,6 +181,61 @@ def test_governor_stays_out_of_gpu_training(restore_threads) -> None:
     assert load.reads == 0
 
 
+class TimelineLoad:
+    """Another process keeps one core busy in the `busy` (start, end) spans of a FakeClock."""
+
+    def __init__(self, clock: FakeClock, busy: list[tuple[float, float]]) -> None:
+        self.clock, self.busy, self.last = clock, busy, clock()
+
+    def read(self) -> float | None:
+        start, now = self.last, self.clock()
+        self.last = now
+        if now <= start:
+            return None
+        overlap = sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in self.busy)
+        return overlap / (now - start)
+
+
+def governed_epochs(
+    governor: ThreadGovernor, clock: FakeClock, epochs: int, steps: int, pause: float
+) -> list[int]:
+    """The thread count after each epoch of `steps` 50 ms steps, with `pause` seconds between
+    epochs (validation, another program's turn)."""
+    trainer = SimpleNamespace(device=torch.device("cpu"))
+    seen = []
+    for _ in range(epochs):
+        for batch in range(1, steps + 1):
+            clock.now += 0.05
+            governor.on_batch_end(trainer, {"batch": batch, "batches": steps})  # type: ignore[arg-type]
+        seen.append(torch.get_num_threads())
+        clock.now += pause
+    return seen
+
+
+@pytest.mark.parametrize("steps", [3, 9, 30])  # epochs of 0.15, 0.45 and 1.5 s
+def test_governor_does_not_count_another_programs_turn_between_epochs(
+    restore_threads, steps
+) -> None:
+    # bench-keras: a Keras epoch runs on both cores between cnnlab's epochs. Readings that
+    # spanned two of those turns in a row took a core from half-second epochs.
+    clock = FakeClock()
+    pause, epoch = 2.5, steps * 0.05
+    turns = [
+        (100.0 + epoch + i * (epoch + pause), 100.0 + (i + 1) * (epoch + pause)) for i in range(8)
+    ]
+    governor = ThreadGovernor(2, TimelineLoad(clock, turns), clock=clock)  # type: ignore[arg-type]
+    governor.on_train_begin(SimpleNamespace(device=torch.device("cpu")), {})  # type: ignore[arg-type]
+    assert governed_epochs(governor, clock, 8, steps, pause) == [2] * 8
+
+
+@pytest.mark.parametrize("steps", [9, 30])
+def test_governor_still_sees_a_busy_neighbour_through_short_epochs(restore_threads, steps) -> None:
+    clock = FakeClock()
+    governor = ThreadGovernor(2, TimelineLoad(clock, [(0.0, 1e9)]), clock=clock)  # type: ignore[arg-type]
+    governor.on_train_begin(SimpleNamespace(device=torch.device("cpu")), {})  # type: ignore[arg-type]
+    assert governed_epochs(governor, clock, 4, steps, 2.5)[1:] == [1, 1, 1]
+
+
 def busy_neighbour(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every reading says other processes keep all cores busy; returns the thread counts that
     training sets."""
