@@ -137,6 +137,7 @@ class ThreadGovernor(Callback):
             return
         self.load = self.load or OtherProcessLoad(clock=self.clock)
         self.load.read()  # the baseline
+        self.restart_reading = False
         self._set_threads(self.cores)
         self.next_reading = self.clock() + READING_SECONDS
 
