@@ -32,18 +32,13 @@ def cpu_name() -> str:
 
 
 def bf16_line() -> str:
-    """Which bf16 hardware cnnlab's autocast runs on here (cnnlab.inference.cpu_has_fast_bf16)."""
-    import torch
+    """Which bf16 hardware cnnlab's autocast runs on here (cnnlab.inference.cpu_bf16_hardware)."""
+    from cnnlab.inference import cpu_bf16_hardware
 
-    from cnnlab.inference import cpu_has_fast_bf16
-
-    if not cpu_has_fast_bf16():
+    hardware = cpu_bf16_hardware()
+    if hardware is None:
         return "bf16 in hardware: no (fp32)"
-    try:
-        amx = bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        amx = False
-    return f"bf16 in hardware: {'AMX' if amx else 'AVX512-BF16, no AMX'}"
+    return f"bf16 in hardware: {hardware}" + (", no AMX" if hardware != "AMX" else "")
 
 
 def machine_line() -> str:
