@@ -129,6 +129,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.conv_pool_forward.argtypes = [geometry, pointer, pointer, pointer, i64, pointer, i32]
     lib.conv_pool_forward.argtypes += [pointer, i32]
     lib.conv_pool_forward.restype = ctypes.c_int
+    # (geometry, x, w, bias, batch, y, argmax, threads)
+    lib.conv_pool_forward_bf16.argtypes = [geometry, pointer, pointer, pointer, i64, pointer]
+    lib.conv_pool_forward_bf16.argtypes += [pointer, i32]
+    lib.conv_pool_forward_bf16.restype = ctypes.c_int
+    lib.conv_pool_bf16_available.argtypes = []
+    lib.conv_pool_bf16_available.restype = ctypes.c_int
     # (geometry, x, grad, grad_is_bf16, argmax, batch, chunk, grad_w, grad_b, threads)
     lib.conv_pool_weight_grad.argtypes = [geometry, pointer, pointer, i32, pointer, i64, i64]
     lib.conv_pool_weight_grad.argtypes += [pointer, pointer, i32]
