@@ -413,7 +413,8 @@ def bf16_conv_pool_fits(conv: KerasConv2D) -> bool:
     left to the conv itself (uneven 'same' padding is padded before), AVX512-BF16 built in."""
     return (
         conv.in_channels % 2 == 0
-        and tuple(int(p) for p in conv.padding) == (0, 0)  # type: ignore[union-attr]
+        and isinstance(conv.padding, tuple)
+        and all(int(p) == 0 for p in conv.padding)
         and bf16_conv_pool_built()
     )
 
