@@ -459,12 +459,12 @@ def bf16_conv_pool(x, w, bias, pool_padding: str, pad_after: tuple[int, int], th
     y = torch.full((batch, out_c, rows, cols), float("nan"), dtype=torch.bfloat16)
     y = y.contiguous(memory_format=torch.channels_last)
     argmax = torch.full((batch, rows, cols, out_c), 99, dtype=torch.uint8)
-    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    x_nhwc, w_contiguous = x.permute(0, 2, 3, 1).contiguous(), w.contiguous()  # alive in the call
     lib = native.library()
     status = lib.conv_pool_forward_bf16(
         geometry,
         x_nhwc.data_ptr(),
-        w.contiguous().data_ptr(),
+        w_contiguous.data_ptr(),
         None if bias is None else bias.data_ptr(),
         batch,
         y.data_ptr(),
@@ -505,7 +505,7 @@ def test_bf16_conv_pool_kernel_matches_conv_and_max_pool(
     conv = F.conv2d(x.double(), w.bfloat16().double(), b)
     if pool_padding == "same":
         conv = F.pad(conv, (0, conv.shape[3] % 2, 0, conv.shape[2] % 2), value=float("-inf"))
-    pooled, index = F.max_pool2d(conv, 2, return_indices=True)
+    pooled = F.max_pool2d(conv, 2)
     got = y[:, :, :pool_h, :pool_w].double()
     torch.testing.assert_close(got, pooled.bfloat16().double(), rtol=2**-7, atol=1e-5)
     # The winning position's conv value is the maximum, up to float32 rounding of the sums.
@@ -517,7 +517,6 @@ def test_bf16_conv_pool_kernel_matches_conv_and_max_pool(
     won = conv.flatten(2).gather(2, (rows * width_padded + cols).flatten(2)).view_as(pooled)
     torch.testing.assert_close(won, pooled, rtol=1e-5, atol=1e-5)
     assert not torch.isinf(won).any(), "a clipped position (pool padding) never wins"
-    assert index.numel() == won.numel()
     assert (y[:, :, pool_h:] == 0).all() and (y[:, :, :, pool_w:] == 0).all()
 
 
