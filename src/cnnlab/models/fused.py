@@ -185,6 +185,11 @@ def _padded(values: int) -> int:
     return -(-values // native.LANES) * native.LANES
 
 
+def _bf16_autocast() -> bool:
+    """Whether CPU autocast to bf16 is on here."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def _check(status: int) -> None:
     if status != 0:
         raise RuntimeError(f"cnnlab conv-pool kernel failed with status {status}")
@@ -261,8 +266,7 @@ def conv_pool(
     is bf16 under CPU bf16 autocast (as the conv's would be), else float32; channels_last.
     With pad_after = (rows, columns) it comes zero-padded below and to the right by as many:
     the uneven 'same' padding of a next conv (see `bottom_right_pad`), without a pad pass."""
-    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    out_dtype = torch.bfloat16 if bf16 else torch.float32
+    out_dtype = torch.bfloat16 if _bf16_autocast() else torch.float32
     parameters = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
     train = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
     geometry = _geometry(conv, pool, x, pad_after)
@@ -390,10 +394,6 @@ def input_grad_fits(conv: KerasConv2D) -> bool:
         _padded((kw + 1) * conv.in_channels) <= native.MAX_RUN
         and 4 * _shifted_floats(conv.out_channels, conv.in_channels, kh, kw) <= MAX_SHIFTED_BYTES
     )
-
-
-def _bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def bf16_conv_pool_built() -> bool:

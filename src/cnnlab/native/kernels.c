@@ -495,13 +495,8 @@ int conv_pool_bf16_available(void) {
 }
 
 #ifdef __AVX512BF16__
-/* float32 -> bfloat16 bits, one value, rounding to nearest even; NaN stays a (quiet) NaN. */
-static uint16_t bf16_bits(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if (value != value) return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
+/* to_bf16 for one value. */
+static uint16_t bf16_bits(float value) { return (uint16_t)to_bf16((vf){0} + value)[0]; }
 
 /* PyTorch's weights w [out_c][in_c][kh][kw] in bfloat16 pairs: [kh][kw][in_c / 2][out_c_pad][2],
  * so that one 512-bit load holds LANES channels' weights for two neighbouring input channels;
