@@ -11,6 +11,8 @@ from torch.nn import functional as F
 from cnnlab.models import (
     AveragePooling2D,
     Conv2D,
+    Dense,
+    Flatten,
     GlobalMaxPooling2D,
     MaxPool2D,
     build_model,
@@ -118,3 +120,120 @@ def test_valid_pooling_floors_like_keras():
     assert shape == (4, 3, 2)
     (shape, _) = infer_shapes([MaxPool2D(3, strides=2), GlobalMaxPooling2D()], (4, 7, 8))
     assert shape == (4, 3, 3)
+
+
+# A 'same' conv whose bottom/right padding only feeds outputs that the 'valid' max pool after it
+# drops runs with that padding trimmed (KerasConv2D.pad_for_pool): the same pooled values and
+# gradients, fewer products.
+TRIM_GRID = [
+    (size, kernel, stride, dilation, pool, pool_stride)
+    for size in (5, 6, 7, 8, 9)
+    for kernel in (1, 2, 3, 4)
+    for stride in (1, 2)
+    for dilation in (1, 2)
+    for pool, pool_stride in ((2, 2), (3, 3), (3, 2), (2, 1))
+    if stride == 1 or dilation == 1  # Keras takes strides > 1 or dilation > 1, not both
+]
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "dilation", "pool", "pool_stride"), TRIM_GRID)
+def test_trimmed_padding_gives_the_same_pooled_values_and_gradients(
+    size, kernel, stride, dilation, pool, pool_stride
+):
+    torch.manual_seed(size * 100 + kernel * 10 + stride)
+    layers = [
+        Conv2D(3, kernel, strides=stride, padding="same", dilation_rate=dilation),
+        MaxPool2D(pool, strides=pool_stride),
+        GlobalMaxPooling2D(),
+    ]
+    model = build_model(layers, (2, size, size + 1), 3)
+    conv, max_pool = model.layers.conv2d, model.layers.max_pooling2d
+    x = torch.randn(2, 2, size, size + 1, dtype=torch.float64, requires_grad=True)
+    model.double()
+    expected = max_pool(conv(x))  # the conv's full 'same' padding
+    (expected_x, expected_w) = torch.autograd.grad(expected.square().sum(), (x, conv.weight))
+    pad = conv.pad_for_pool(max_pool, size, size + 1)
+    if conv.uneven_pad is None:
+        assert pad is None
+        return
+    # The oracle: the least bottom and right padding whose pooled output has every position of
+    # the full padding's (whose values the asserts below compare).
+    left, right, top, bottom = conv.uneven_pad
+
+    def pooled_shape(r: int, b: int) -> torch.Size | None:
+        try:
+            return max_pool(conv.forward_padded(F.pad(x, (left, r, top, b)))).shape
+        except RuntimeError:  # too few outputs for one window
+            return None
+
+    fits = [
+        (r, b)
+        for r in range(right + 1)
+        for b in range(bottom + 1)
+        if pooled_shape(r, b) == expected.shape
+    ]
+    least = min(fits, key=sum)
+    assert all(r >= least[0] and b >= least[1] for r, b in fits)
+    if least == (right, bottom):
+        assert pad is None  # nothing to trim
+        return
+    assert pad == (left, least[0], top, least[1])
+    got = max_pool(conv.forward_padded(F.pad(x, pad)))
+    # The same sums, up to their order (the convolution blocks a narrower input differently).
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    (got_x, got_w) = torch.autograd.grad(got.square().sum(), (x, conv.weight))
+    assert torch.allclose(got_x, expected_x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got_w, expected_w, rtol=1e-12, atol=1e-12)
+
+
+def test_trimming_covers_dropouts_third_conv_on_fashion_mnist_maps():
+    model = build_model(
+        [
+            Conv2D(4, 2, padding="same"),
+            MaxPool2D(),
+            Conv2D(4, 3, padding="same"),
+            MaxPool2D(),
+            GlobalMaxPooling2D(),
+        ],
+        (1, 7, 7),
+        4,
+    )
+    stack = model.layers
+    # 7x7 through a 2x2 'same' conv: the pool reads 6x6 outputs, which need no padding at all.
+    assert stack.conv2d.pad_for_pool(stack.max_pooling2d, 7, 7) == (0, 0, 0, 0)
+    assert stack.conv2d.pad_for_pool(stack.max_pooling2d, 8, 8) is None  # reads all 8x8
+    # Even padding (3x3 'same') is the conv's own and is left alone.
+    assert stack.conv2d_1.pad_for_pool(stack.max_pooling2d_1, 3, 3) is None
+    # Only a MaxPool2D straight after the conv, without 'same' padding of its own, trims.
+    assert stack.conv2d.pad_for_pool(stack.conv2d_1, 7, 7) is None
+    same_pool = build_model(
+        [Conv2D(4, 2, padding="same"), MaxPool2D(padding="same"), GlobalMaxPooling2D()],
+        (1, 7, 7),
+        4,
+    )
+    assert same_pool.layers.conv2d.pad_for_pool(same_pool.layers.max_pooling2d, 7, 7) is None
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_model_runs_a_trimmable_conv_unpadded_unless_hooked(train):
+    torch.manual_seed(0)
+    layers = [Conv2D(8, 2, padding="same", activation="relu"), MaxPool2D(), Flatten(), Dense(3)]
+    model = build_model(layers, (6, 7, 7), 3).train(train)
+    conv = model.layers.conv2d
+    seen: list[tuple[int, ...]] = []
+    padded = conv.forward_padded
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[2:]))
+        return padded(x)
+
+    conv.forward_padded = recording  # an instance attribute, not a hook: trimming still runs
+    x = torch.randn(5, 6, 7, 7).contiguous(memory_format=torch.channels_last)
+    trimmed = model(x)
+    assert seen == [(7, 7)]  # unpadded: the 2x2 'same' conv would pad to 8x8
+    del conv.forward_padded
+    outputs: list[torch.Tensor] = []
+    conv.register_forward_hook(lambda module, args, out: outputs.append(out))
+    hooked = model(x)  # the hook sees the conv's full output, padding included
+    assert outputs[0].shape[2:] == (7, 7)
+    assert torch.allclose(trimmed, hooked, atol=1e-6)

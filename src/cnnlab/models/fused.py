@@ -119,6 +119,18 @@ def _globally_watched() -> bool:
     )
 
 
+def unwatched(*modules: nn.Module) -> bool:
+    """Whether no hook watches these modules (nor every module) and nothing traces, scripts or
+    compiles the call: their layers may then run in another shape or grouping than their own."""
+    return not (
+        any(_watched(module) for module in modules)
+        or _globally_watched()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+    )
+
+
 def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
     """Whether this call can take the kernel: a float32 CPU input that needs no gradient,
     float32 weights, nothing hooked, no tracing or compiling, and the kernel built."""

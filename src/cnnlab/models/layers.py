@@ -641,6 +641,53 @@ class KerasConv2D(nn.Conv2d):
         deferred = self.defer_activation and (self.training or self.defer_in_eval)
         return x if deferred else self.act(x)
 
+    def pad_for_pool(self, pool: nn.Module, height: int, width: int) -> Pad | None:
+        """This conv's uneven padding without the bottom rows and right columns that only feed
+        outputs the 'valid' max pool after it drops, for a height x width input; None where
+        that trims nothing. `dropout`'s third conv on 7x7 Fashion-MNIST maps: its 2x2 'same'
+        padding makes 7x7 outputs of which the pool reads 6x6, so it runs unpadded, with 27%
+        fewer products and no pad pass. The pooled values and all gradients stay the same."""
+        if (
+            self.uneven_pad is None
+            or not isinstance(pool, KerasMaxPool2D)
+            or pool.pad is not None
+            or pool.padding not in (0, (0, 0))
+            or pool.dilation not in (1, (1, 1))
+            or pool.ceil_mode
+        ):
+            return None
+        left, right, top, bottom = self.uneven_pad
+        (kh, kw), (ph, pw), (sh, sw) = (
+            self.kernel_size,
+            _as_pair(pool.kernel_size),
+            _as_pair(pool.stride),
+        )
+        new_bottom = _pad_read(height + top, bottom, kh, self.stride[0], self.dilation[0], ph, sh)
+        new_right = _pad_read(width + left, right, kw, self.stride[1], self.dilation[1], pw, sw)
+        if (new_bottom, new_right) == (bottom, right):
+            return None
+        return left, new_right, top, new_bottom
+
+
+def _as_pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _pad_read(
+    size: int, after: int, kernel: int, stride: int, dilation: int, pool: int, pool_stride: int
+) -> int:
+    """The fewest of `after` trailing padding pixels that keep every conv output a 'valid'
+    pool reads, for `size` pixels with any leading padding included."""
+
+    def outputs(pad: int) -> int:
+        return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+
+    full = outputs(after)
+    if full < pool:
+        return after
+    read = (full - pool) // pool_stride * pool_stride + pool
+    return next(pad for pad in range(after + 1) if outputs(pad) >= read)
+
 
 # Dense layers with at most this many weights run in fp32 under CPU bf16 autocast: their
 # matrix products take microseconds, and the casts and oneDNN's bf16 calls around them cost
@@ -901,6 +948,14 @@ class LayerStack(nn.Sequential):
             ):
                 x = fused.conv_then_pool(module, following, x)
                 i += 2
+            elif (
+                isinstance(module, KerasConv2D)
+                and x.dim() == 4
+                and (pad := module.pad_for_pool(following, x.shape[2], x.shape[3])) is not None
+                and fused.unwatched(module, module.act, following)
+            ):
+                x = module.forward_padded(F.pad(x, pad) if any(pad) else x)
+                i += 1
             else:
                 x = module(x)
                 i += 1
