@@ -677,6 +677,134 @@ def test_dropout_passes_nan_and_leaves_other_tensors_to_torch(kernels):
     assert set(out.unique().tolist()) <= {0.0, 2.0}
 
 
+# ------------------------------------------------- max pool, ReLU and dropout in one pass
+# (fused.pool_dropout, pool_dropout_forward and pool_dropout_backward in kernels.c)
+
+
+def pool_and_dropout(pool_padding: str, in_shape: tuple[int, int, int], p: float, relu: bool):
+    layers = [
+        {"MaxPool2D": {"pool_size": 2, "padding": pool_padding}},
+        {"Dropout": {"rate": p}},
+        {"Flatten": {}},
+    ]
+    model = build_model([*layers, {"Dense": {"units": 2}}], in_shape, 2).train()
+    pool, dropout = model.layers[0], model.layers[1]
+    pool.deferred_act = torch.nn.ReLU() if relu else None  # as a Conv2D(activation="relu") sets it
+    return pool, dropout
+
+
+def pool_then_dropout(pool, dropout, x: torch.Tensor, *, fused_op: bool):
+    """The output and input gradient of dropout(act(pool(x))), through pool_dropout or through
+    the three layers one by one, from the same generator state."""
+    leaf = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    if fused_op:
+        assert fused.pool_dropout_fits(pool, dropout, leaf)
+        y = fused.pool_dropout(pool, dropout, leaf)
+    else:
+        y = dropout(pool(leaf))
+    weights = torch.arange(y.numel(), dtype=torch.float32).view(y.shape) % 7 - 3
+    (y.float() * weights).sum().backward()
+    return y.detach(), leaf.grad
+
+
+@property_settings
+@given(
+    channels=st.sampled_from([16, 32, 48, 64]),
+    height=st.integers(2, 11),
+    width=st.integers(2, 11),
+    batch=st.integers(1, 9),
+    pool_padding=st.sampled_from(["valid", "same"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    p=st.sampled_from([0.1, 0.25, 0.5, 0.9]),
+    relu=st.booleans(),
+)
+def test_pool_dropout_gives_the_three_layers_results_bit_for_bit(
+    kernels, channels, height, width, batch, pool_padding, dtype, p, relu
+):
+    pool, dropout = pool_and_dropout(pool_padding, (channels, height, width), p, relu)
+    torch.manual_seed(channels * 100 + height * 10 + width)
+    # Few distinct values, so that windows have ties, negative ones for the ReLU, and a NaN.
+    x = torch.randint(-3, 4, (batch, channels, height, width)).to(dtype)
+    x[0, channels // 2, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    y, grad = pool_then_dropout(pool, dropout, x, fused_op=True)
+    expected_y, expected_grad = pool_then_dropout(pool, dropout, x, fused_op=False)
+    assert y.dtype == dtype and grad.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.isnan(), expected_y.isnan())
+    assert torch.equal(y.nan_to_num(), expected_y.nan_to_num())
+    assert torch.equal(grad, expected_grad)
+
+
+def test_pool_dropout_keeps_1_minus_p_and_does_not_depend_on_threads(kernels):
+    pool, dropout = pool_and_dropout("valid", (32, 14, 14), 0.25, relu=False)
+    x = torch.rand(64, 32, 14, 14).add(1).contiguous(memory_format=torch.channels_last)
+    outputs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(0)
+            outputs.append(fused.pool_dropout(pool, dropout, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+    kept = (outputs[0] != 0).float().mean().item()
+    assert 0.74 < kept < 0.76  # x > 0, so only the dropout makes zeros
+    torch.manual_seed(1)
+    assert not torch.equal(fused.pool_dropout(pool, dropout, x), outputs[0])
+
+
+def test_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):
+    pool, dropout = pool_and_dropout("valid", (32, 6, 6), 0.25, relu=True)
+    x = torch.rand(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert fused.pool_dropout_fits(pool, dropout, x)
+    assert not fused.pool_dropout_fits(pool, dropout, x.contiguous())  # NCHW
+    narrow = pool_and_dropout("valid", (24, 6, 6), 0.25, relu=True)
+    wide_x = torch.rand(2, 24, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert not fused.pool_dropout_fits(*narrow, wide_x)  # channels not a multiple of 16
+    dropout.eval()
+    assert not fused.pool_dropout_fits(pool, dropout, x)
+    dropout.train()
+    pool.deferred_act = torch.nn.Sigmoid()
+    assert not fused.pool_dropout_fits(pool, dropout, x)
+    pool.deferred_act = torch.nn.ReLU()
+    handle = dropout.register_forward_hook(lambda *args: None)
+    assert not fused.pool_dropout_fits(pool, dropout, x)
+    handle.remove()
+    assert fused.pool_dropout_fits(pool, dropout, x)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dropout_preset_trains_the_same_with_pool_dropout(kernels, bf16):
+    torch.manual_seed(0)
+    model = build_model(preset_layers("dropout", 10), (1, 28, 28), 10).train()
+    x = torch.rand(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    fits = fused.pool_dropout_fits
+    runs: list[bool] = []
+    results = []
+
+    def counted(*args) -> bool:
+        runs.append(fits(*args))
+        return runs[-1]
+
+    for use_it in (True, False):
+        trained = copy.deepcopy(model)
+        fused.pool_dropout_fits = counted if use_it else (lambda *a: False)
+        try:
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = trained(x)
+            (logits.float() * torch.linspace(-1, 1, 10)).sum().backward()
+        finally:
+            fused.pool_dropout_fits = fits
+        results.append((logits.detach(), [p.grad for p in trained.parameters()]))
+    assert runs == [True, True]  # the second and third pools, each with the dropout after it
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
 # ---------------------------------------------------------------- conv weight and input gradients
 # from the pooled gradient (fused.conv_then_pool, pooled_weight_grad and pooled_input_grad in
 # kernels.c)

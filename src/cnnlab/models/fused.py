@@ -1,7 +1,8 @@
 """Layers in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2) in one
 kernel, MaxPool2D(2) alone in training, the weight gradient (and for small ones the input
-gradient) of a Conv2D under a MaxPool2D(2) from the pooled gradient (`conv_then_pool`), and
-Dropout.
+gradient) of a Conv2D under a MaxPool2D(2) from the pooled gradient (`conv_then_pool`),
+Dropout, and a MaxPool2D(2) with its deferred ReLU and the Dropout after it in one pass
+(`pool_dropout`).
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
@@ -310,18 +311,37 @@ def pool_fits(pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
     )
 
 
+def _pool_outputs(
+    x: torch.Tensor, pool_h: int, pool_w: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """An empty pooled output for x (channels_last, x's dtype), one byte per pooled value for
+    the window positions, and the kernels' (batch, h, w, c, pool_h, pool_w)."""
+    batch, channels, height, width = x.shape
+    y = torch.empty(
+        (batch, channels, pool_h, pool_w), dtype=x.dtype, memory_format=torch.channels_last
+    )
+    positions = torch.empty((batch, pool_h, pool_w, channels), dtype=torch.uint8)
+    return y, positions, (batch, height, width, channels, pool_h, pool_w)
+
+
+def _unpool_buffers(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled gradient in the forward input's dtype and layout, and an empty input
+    gradient, for a backward pass whose ctx keeps `_pool_outputs`' shape and the dtype."""
+    batch, height, width, channels, _, _ = ctx.shape
+    grad = grad_y.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+    grad_x = torch.empty(
+        (batch, channels, height, width), dtype=ctx.dtype, memory_format=torch.channels_last
+    )
+    return grad, grad_x
+
+
 class _MaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, pool_h: int, pool_w: int) -> torch.Tensor:  # type: ignore[override]
         lib = native.library()
         assert lib is not None
-        batch, channels, height, width = x.shape
-        y = torch.empty(
-            (batch, channels, pool_h, pool_w), dtype=x.dtype, memory_format=torch.channels_last
-        )
-        argmax = torch.empty((batch, pool_h, pool_w, channels), dtype=torch.uint8)
+        y, argmax, shape = _pool_outputs(x, pool_h, pool_w)
         is_bf16 = int(x.dtype == torch.bfloat16)
-        shape = (batch, height, width, channels, pool_h, pool_w)
         threads = torch.get_num_threads()
         _check(
             lib.max_pool_forward(
@@ -337,11 +357,7 @@ class _MaxPool(torch.autograd.Function):
         lib = native.library()
         assert lib is not None
         (argmax,) = ctx.saved_tensors
-        batch, height, width, channels, _, _ = ctx.shape
-        grad = grad_y.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty(
-            (batch, channels, height, width), dtype=ctx.dtype, memory_format=torch.channels_last
-        )
+        grad, grad_x = _unpool_buffers(ctx, grad_y)
         is_bf16 = int(ctx.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
         _check(
@@ -360,6 +376,81 @@ def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
     pad = pool.pad or (0, 0, 0, 0)
     pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
     return _MaxPool.apply(x, pool_h, pool_w)
+
+
+def pool_dropout_fits(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor) -> bool:
+    """Whether `pool_dropout` can take this MaxPool2D, the Dropout after it and x: both layers
+    in training with 0 < p < 1, the activation deferred to the pool ReLU or none, an input that
+    `pool_fits` with a multiple of 16 channels, and nothing watching the layers."""
+    act = pool.deferred_act
+    return (
+        pool.training
+        and dropout.training
+        and 0.0 < dropout.p < 1.0
+        and (act is None or type(act) is nn.ReLU)
+        and pool_fits(pool, x)
+        and x.shape[1] % native.LANES == 0
+        and unwatched(pool, dropout, *([act] if act is not None else []))
+    )
+
+
+class _PoolDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, pool_h: int, pool_w: int, relu: bool, p: float
+    ) -> torch.Tensor:
+        lib = native.library()
+        assert lib is not None
+        y, code, shape = _pool_outputs(x, pool_h, pool_w)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+        is_bf16 = int(x.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        _check(
+            lib.pool_dropout_forward(
+                _pointer(x),
+                is_bf16,
+                *shape,
+                int(relu),
+                p,
+                seed,
+                _pointer(y),
+                _pointer(code),
+                threads,
+            )
+        )
+        ctx.save_for_backward(code)
+        ctx.shape, ctx.dtype, ctx.p = shape, x.dtype, p
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        lib = native.library()
+        assert lib is not None
+        (code,) = ctx.saved_tensors
+        grad, grad_x = _unpool_buffers(ctx, grad_y)
+        is_bf16 = int(ctx.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        _check(
+            lib.pool_dropout_backward(
+                _pointer(grad),
+                is_bf16,
+                _pointer(code),
+                *ctx.shape,
+                ctx.p,
+                _pointer(grad_x),
+                threads,
+            )
+        )
+        return grad_x, None, None, None, None
+
+
+def pool_dropout(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """dropout(act(pool(x))) for a `pool_dropout_fits` triple in one C pass each way: bit for bit
+    what `max_pool`, the ReLU and `dropout` give, the same mask for the same generator state,
+    and the mask kept in the pool's one-byte window positions for the backward pass."""
+    pad = pool.pad or (0, 0, 0, 0)
+    pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
+    return _PoolDropout.apply(x, pool_h, pool_w, pool.deferred_act is not None, dropout.p)
 
 
 def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:

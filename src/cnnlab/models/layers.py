@@ -925,8 +925,10 @@ def _defer_activations_to_pools(modules: Sequence[nn.Module]) -> None:
 
 
 class LayerStack(nn.Sequential):
-    """nn.Sequential that runs a Conv2D on few channels and the MaxPool2D after it as one fused
-    CPU kernel where it can (cnnlab.models.fused), and every other layer as it is."""
+    """nn.Sequential that runs pairs of layers as one fused CPU kernel where it can
+    (cnnlab.models.fused: a Conv2D on few channels and its MaxPool2D, a Conv2D and its MaxPool2D
+    with the C gradients, a MaxPool2D and the Dropout after it), a 'same' Conv2D without the
+    padding its MaxPool2D never reads, and every other layer as it is."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self)
@@ -947,6 +949,13 @@ class LayerStack(nn.Sequential):
                 and fused.pooled_grad_fits(module, following, x)
             ):
                 x = fused.conv_then_pool(module, following, x)
+                i += 2
+            elif (
+                isinstance(module, KerasMaxPool2D)
+                and isinstance(following, KerasDropout)
+                and fused.pool_dropout_fits(module, following, x)
+            ):
+                x = fused.pool_dropout(module, following, x)
                 i += 2
             elif (
                 isinstance(module, KerasConv2D)

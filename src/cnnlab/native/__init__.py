@@ -155,6 +155,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pooled_input_grad.argtypes = [geometry, pointer, pointer, i32, pointer, i64]
     lib.pooled_input_grad.argtypes += [pointer, i32, i32]
     lib.pooled_input_grad.restype = ctypes.c_int
+    # (x, is_bf16, batch, h, w, c, pool_h, pool_w, relu, p, seed, y, code, threads)
+    lib.pool_dropout_forward.argtypes = [pointer, i32, i64, i32, i32, i32, i32, i32, i32]
+    lib.pool_dropout_forward.argtypes += [ctypes.c_float, ctypes.c_uint64, pointer, pointer, i32]
+    lib.pool_dropout_forward.restype = ctypes.c_int
+    # (grad_y, is_bf16, code, batch, h, w, c, pool_h, pool_w, p, grad_x, threads)
+    lib.pool_dropout_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32]
+    lib.pool_dropout_backward.argtypes += [ctypes.c_float, pointer, i32]
+    lib.pool_dropout_backward.restype = ctypes.c_int
     # (x, y, is_bf16, n, p, seed, threads)
     lib.dropout.argtypes = [pointer, pointer, i32, i64, ctypes.c_float, ctypes.c_uint64, i32]
     lib.dropout.restype = ctypes.c_int

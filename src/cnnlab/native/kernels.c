@@ -1,7 +1,8 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
  * after it (and, on CPUs with AVX512-BF16, a bfloat16 convolution on more channels with it),
  * the weight and input gradients of a convolution under a 2x2 max pool from the pooled gradient,
- * the 2x2 max pool alone with its gradient, and dropout.
+ * the 2x2 max pool alone with its gradient, dropout, and the 2x2 max pool with its ReLU and the
+ * dropout after it in one pass.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
@@ -53,6 +54,7 @@
 #define LANES 16
 #define MAX_TAPS 128
 #define NO_GRADIENT 255
+#define DROPPED 4 /* pool_dropout_forward's code: this window position's value was dropped */
 #define INLINE static inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
@@ -1162,6 +1164,20 @@ INLINE void window_pixels(int64_t b, int i, int j, int h, int w, int c, int64_t 
     }
 }
 
+/* The maximum of LANES channels from c0 over a window's valid positions, and which won. */
+INLINE void window_max(const void *x, int is_bf16, const int64_t from[4], const int valid[4],
+                       int c0, vf *best, vi *arg) {
+    *best = load_any(x, from[0] + c0, is_bf16);
+    *arg = (vi){0};
+    for (int p = 1; p < 4; p++) {
+        if (!valid[p]) continue;
+        const vf value = load_any(x, from[p] + c0, is_bf16);
+        const lanes_mask wins = beats(value, *best);
+        *best = pick_f(wins, value, *best);
+        *arg = pick_i(wins, (vi){0} + p, *arg);
+    }
+}
+
 static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int h, int w, int c,
                         int pool_h, int pool_w, void *y, uint8_t *argmax) {
     const int whole = c / LANES * LANES;
@@ -1173,15 +1189,9 @@ static void pool_images(const void *x, int is_bf16, int64_t b0, int64_t b1, int 
                 window_pixels(b, i, j, h, w, c, from, valid);
                 const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
                 for (int c0 = 0; c0 < whole; c0 += LANES) {
-                    vf best = load_any(x, from[0] + c0, is_bf16);
-                    vi arg = (vi){0};
-                    for (int p = 1; p < 4; p++) {
-                        if (!valid[p]) continue;
-                        const vf value = load_any(x, from[p] + c0, is_bf16);
-                        const lanes_mask wins = beats(value, best);
-                        best = pick_f(wins, value, best);
-                        arg = pick_i(wins, (vi){0} + p, arg);
-                    }
+                    vf best;
+                    vi arg;
+                    window_max(x, is_bf16, from, valid, c0, &best, &arg);
                     store_any(y, at + c0, is_bf16, best);
                     store_bytes(argmax + at + c0, arg);
                 }
@@ -1216,10 +1226,21 @@ static void zero_dropped(int is_bf16, int64_t b, int h, int w, int c, int pool_h
     }
 }
 
+/* pool_dropout_forward's gradient of LANES values: g times the dropout factor, rounded as
+ * `dropout`'s backward pass rounds it, and the window position it goes to (NO_GRADIENT: none). */
+INLINE void dropout_gradient(vi code, float scale, int is_bf16, vf *g, vi *winner) {
+    *g = *g * select_f((code & DROPPED) == 0, (vf){0} + scale, (vf){0});
+    if (is_bf16) *g = (vf)(to_bf16(*g) << 16);
+    *winner = select_i(code == NO_GRADIENT, code, code & ~DROPPED);
+}
+
 /* Each window's gradient goes to its winning position and zero to the other three: every input
- * pixel is written once, each pooled value and window position read once. */
-static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax, int64_t b0,
-                          int64_t b1, int h, int w, int c, int pool_h, int pool_w, void *grad_x) {
+ * pixel is written once, each pooled value and window position read once. With `dropout` (a
+ * constant once inlined) the positions are pool_dropout_forward's code and the gradient goes
+ * through dropout_gradient (whose channels are whole vectors). */
+INLINE void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax, int64_t b0,
+                          int64_t b1, int h, int w, int c, int pool_h, int pool_w,
+                          const int dropout, float scale, void *grad_x) {
     const int whole = c / LANES * LANES;
     for (int64_t b = b0; b < b1; b++) {
         zero_dropped(is_bf16, b, h, w, c, pool_h, pool_w, grad_x);
@@ -1230,8 +1251,9 @@ static void unpool_images(const void *grad_y, int is_bf16, const uint8_t *argmax
                 window_pixels(b, i, j, h, w, c, to, valid);
                 const int64_t at = ((b * pool_h + i) * pool_w + j) * c;
                 for (int c0 = 0; c0 < whole; c0 += LANES) {
-                    const vi arg = load_bytes(argmax + at + c0);
-                    const vf g = load_any(grad_y, at + c0, is_bf16);
+                    vi arg = load_bytes(argmax + at + c0);
+                    vf g = load_any(grad_y, at + c0, is_bf16);
+                    if (dropout) dropout_gradient(arg, scale, is_bf16, &g, &arg);
                     for (int p = 0; p < 4; p++)
                         if (valid[p])
                             store_any(grad_x, to[p] + c0, is_bf16,
@@ -1267,7 +1289,7 @@ int max_pool_backward(const void *grad_y, int32_t is_bf16, const uint8_t *argmax
     {
         int64_t b0, b1;
         share(batch, &b0, &b1);
-        unpool_images(grad_y, is_bf16, argmax, b0, b1, h, w, c, pool_h, pool_w, grad_x);
+        unpool_images(grad_y, is_bf16, argmax, b0, b1, h, w, c, pool_h, pool_w, 0, 0.0f, grad_x);
     }
     return 0;
 }
@@ -1326,6 +1348,14 @@ INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
         store((float *)p + at, v);
 }
 
+/* A 16-bit random number below this drops its element: p * 65536, rounded. */
+INLINE uint32_t drop_threshold(float p) { return (uint32_t)((double)p * 65536.0 + 0.5); }
+
+/* What kept elements are multiplied by: the inverse of the exact keep rate. */
+INLINE float keep_scale(uint32_t drop_below) {
+    return (float)(65536.0 / (65536.0 - drop_below));
+}
+
 static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64_t first,
                            int64_t last, uint32_t drop_below, float scale, uint64_t seed) {
     vu lanes;
@@ -1358,14 +1388,95 @@ static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64
 int dropout(const void *x, void *y, int32_t is_bf16, int64_t n, float p, uint64_t seed,
             int32_t threads) {
     if (!(p >= 0.0f && p < 1.0f)) return 1;
-    const uint32_t drop_below = (uint32_t)((double)p * 65536.0 + 0.5);
-    const float scale = (float)(65536.0 / (65536.0 - drop_below)); /* the exact keep rate */
+    const uint32_t drop_below = drop_threshold(p);
+    const float scale = keep_scale(drop_below);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         int64_t first, last;
         share(blocks, &first, &last);
         dropout_blocks(x, y, is_bf16, n, first, last, drop_below, scale, seed);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- max pool, ReLU and dropout
+ *
+ * In training, a 2x2 max pool, the ReLU deferred to it (relu = 1) or no activation, and the
+ * dropout after them in one pass: y = act(max of the window) * factor, factor drawn for y's
+ * memory order exactly as `dropout` draws it, so y is bit for bit what max_pool_forward, the
+ * ReLU and `dropout` give (and the same seed gives the same mask). code, laid out as y, holds
+ * the winning position (0-3), plus DROPPED where the dropout zeroed the value, or NO_GRADIENT
+ * where the ReLU did: the backward pass reads the mask there instead of drawing it again.
+ * Channels must be a multiple of LANES (each vector of the mask then lies in one window).
+ */
+
+static void pool_dropout_blocks(const void *x, int is_bf16, int h, int w, int c, int pool_h,
+                                int pool_w, int relu, int64_t n, int64_t first, int64_t last,
+                                uint32_t drop_below, float scale, uint64_t seed, void *y,
+                                uint8_t *code) {
+    vu lanes;
+    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
+    const int64_t windows_per_image = (int64_t)pool_h * pool_w;
+    for (int64_t block = first; block < last; block++) {
+        const uint64_t counter = (uint64_t)block * LANES;
+        vu words[4];
+        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        for (int part = 0; part < 8; part++) {
+            const int64_t at = block * BLOCK + part * LANES;
+            if (at >= n) break;
+            const int64_t window = at / c, in_image = window % windows_per_image;
+            const int c0 = (int)(at % c);
+            int64_t from[4];
+            int valid[4];
+            window_pixels(window / windows_per_image, (int)(in_image / pool_w),
+                          (int)(in_image % pool_w), h, w, c, from, valid);
+            vf best;
+            vi arg;
+            window_max(x, is_bf16, from, valid, c0, &best, &arg);
+            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
+            const vi kept = (vi)(number >= drop_below);
+            arg = select_i(kept, arg, arg + DROPPED);
+            if (relu) { /* as torch.relu and its gradient: NaN stays NaN and keeps its gradient */
+                const lanes_mask dead = not_positive(best);
+                best = pick_f(dead, (vf){0}, best);
+                arg = pick_i(dead, (vi){0} + NO_GRADIENT, arg);
+            }
+            store_rounded(y, at, is_bf16, best * select_f(kept, (vf){0} + scale, (vf){0}));
+            store_bytes(code + at, arg);
+        }
+    }
+}
+
+int pool_dropout_forward(const void *x, int32_t is_bf16, int64_t batch, int32_t h, int32_t w,
+                         int32_t c, int32_t pool_h, int32_t pool_w, int32_t relu, float p,
+                         uint64_t seed, void *y, uint8_t *code, int32_t threads) {
+    if (!(p >= 0.0f && p < 1.0f) || c % LANES) return 1;
+    const uint32_t drop_below = drop_threshold(p);
+    const float scale = keep_scale(drop_below);
+    const int64_t n = batch * pool_h * pool_w * c, blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
+    {
+        int64_t first, last;
+        share(blocks, &first, &last);
+        pool_dropout_blocks(x, is_bf16, h, w, c, pool_h, pool_w, relu, n, first, last,
+                            drop_below, scale, seed, y, code);
+    }
+    return 0;
+}
+
+/* The gradient of pool_dropout_forward's input, every input pixel written once. */
+int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *code,
+                          int64_t batch, int32_t h, int32_t w, int32_t c, int32_t pool_h,
+                          int32_t pool_w, float p, void *grad_x, int32_t threads) {
+    if (!(p >= 0.0f && p < 1.0f) || c % LANES) return 1;
+    const uint32_t drop_below = drop_threshold(p);
+    const float scale = keep_scale(drop_below);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
+        unpool_images(grad_y, is_bf16, code, b0, b1, h, w, c, pool_h, pool_w, 1, scale, grad_x);
     }
     return 0;
 }
