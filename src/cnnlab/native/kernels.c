@@ -299,6 +299,26 @@ INLINE void window_pair_packed(const int kh, const int kw, const int in_c, const
     }
 }
 
+/* finish's stores for fewer than LANES channels (the last block of a channel count that is not
+ * a multiple of LANES). Out of line and through local copies: indexing finish's own vectors
+ * would keep them in memory for the whole of it, a store and a reload at every step of the
+ * window maximum (the first block's forward pass took 1.5x as long). */
+__attribute__((noinline)) static void store_lanes(void *y, int64_t at, int y_is_bf16, vf best,
+                                                  vi half, uint8_t *argmax, vi arg, int lanes) {
+    float values[LANES];
+    int32_t halves_[LANES], args[LANES];
+    memcpy(values, &best, sizeof values);
+    memcpy(halves_, &half, sizeof halves_);
+    memcpy(args, &arg, sizeof args);
+    for (int c = 0; c < lanes; c++) {
+        if (y_is_bf16)
+            ((uint16_t *)y)[at + c] = (uint16_t)halves_[c];
+        else
+            ((float *)y)[at + c] = values[c];
+        if (argmax) argmax[at + c] = (uint8_t)args[c];
+    }
+}
+
 /* Max over the valid window positions, the activation, and the stores of one block; the
  * winning positions only where argmax is wanted (`track`, a constant once inlined). */
 INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int lanes,
@@ -316,24 +336,16 @@ INLINE void finish(const Geometry *g, const vf acc[4], const int valid[4], int l
         best = pick_f(dead, (vf){0}, best);
         if (track) arg = pick_i(dead, (vi){0} + NO_GRADIENT, arg);
     }
-    if (y_is_bf16) {
-        const vi half = to_bf16(best);
-        uint16_t *out = (uint16_t *)y + at;
-        if (lanes == LANES)
-            store_bf16_bits(out, half);
-        else
-            for (int c = 0; c < lanes; c++) out[c] = (uint16_t)half[c];
-    } else if (lanes == LANES) {
+    const vi half = y_is_bf16 ? to_bf16(best) : (vi){0};
+    if (lanes < LANES) {
+        store_lanes(y, at, y_is_bf16, best, half, track ? argmax : NULL, arg, lanes);
+        return;
+    }
+    if (y_is_bf16)
+        store_bf16_bits((uint16_t *)y + at, half);
+    else
         store((float *)y + at, best);
-    } else {
-        for (int c = 0; c < lanes; c++) ((float *)y)[at + c] = best[c];
-    }
-    if (track) {
-        if (lanes == LANES)
-            store_bytes(argmax + at, arg);
-        else
-            for (int c = 0; c < lanes; c++) argmax[at + c] = (uint8_t)arg[c];
-    }
+    if (track) store_bytes(argmax + at, arg);
 }
 
 /* Which of the four positions of window (i, j) lie inside the conv output. */
