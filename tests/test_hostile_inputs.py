@@ -215,6 +215,18 @@ def test_damaged_checkpoints_are_refused_naming_the_file(run: Path, how: str, ca
     assert_clear_error(code, err, r"last\.ckpt.*(empty|corrupt)")
 
 
+def test_a_checkpoint_of_an_unknown_pickle_protocol_is_refused_without_torchs_warning(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    from cnnlab.training.checkpoint import load_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"\x80\xd1" + bytes(range(40)))  # what damage can look like: protocol 209
+    with pytest.raises(CheckpointError, match=r"last\.ckpt"):
+        load_checkpoint(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_corrupt_model_json_is_named(run: Path, capsys) -> None:
     (run / "model.json").write_text('{"layers": [')
     code, err = run_cli(capsys, "evaluate", run)

@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not data:
         raise CheckpointError(f"Checkpoint {path} is empty (0 bytes); it was never fully written.")
     try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Damaged bytes can read as an unknown pickle protocol; torch then warns and asks
+            # for a bug report to PyTorch. The CheckpointError below says what is wrong.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"Refusing to load checkpoint {path}: it is damaged or holds Python objects other "
