@@ -373,9 +373,13 @@ def max_pool(pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:
     max_pool2d on `fast`'s 128x48x14x14 bf16 activations: one-byte window positions instead of
     int64 indices, and an input gradient written in one pass instead of zero-filled and then
     scattered into."""
+    return _MaxPool.apply(x, *_pooled_size(pool, x))
+
+
+def _pooled_size(pool: KerasMaxPool2D, x: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of a 2x2 pool's output for x, its bottom and right padding included."""
     pad = pool.pad or (0, 0, 0, 0)
-    pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
-    return _MaxPool.apply(x, pool_h, pool_w)
+    return (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
 
 
 def pool_dropout_fits(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor) -> bool:
@@ -448,9 +452,8 @@ def pool_dropout(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor) -> 
     """dropout(act(pool(x))) for a `pool_dropout_fits` triple in one C pass each way: bit for bit
     what `max_pool`, the ReLU and `dropout` give, the same mask for the same generator state,
     and the mask kept in the pool's one-byte window positions for the backward pass."""
-    pad = pool.pad or (0, 0, 0, 0)
-    pool_h, pool_w = (x.shape[2] + pad[3]) // 2, (x.shape[3] + pad[1]) // 2
-    return _PoolDropout.apply(x, pool_h, pool_w, pool.deferred_act is not None, dropout.p)
+    relu = pool.deferred_act is not None
+    return _PoolDropout.apply(x, *_pooled_size(pool, x), relu, dropout.p)
 
 
 def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:

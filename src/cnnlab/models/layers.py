@@ -680,12 +680,12 @@ def _pad_read(
     pool reads, for `size` pixels with any leading padding included."""
 
     def outputs(pad: int) -> int:
-        return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+        return _window_out(size + pad, kernel, stride, "valid", dilation)
 
     full = outputs(after)
     if full < pool:
         return after
-    read = (full - pool) // pool_stride * pool_stride + pool
+    read = (_window_out(full, pool, pool_stride, "valid") - 1) * pool_stride + pool
     return next(pad for pad in range(after + 1) if outputs(pad) >= read)
 
 
