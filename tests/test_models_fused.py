@@ -70,6 +70,20 @@ def torch_only(monkeypatch: pytest.MonkeyPatch):
     native.library.cache_clear()
 
 
+def conv_layer(
+    filters: int, kernel: tuple[int, int], padding: str, activation: str | None, use_bias: bool
+) -> dict:
+    return {
+        "Conv2D": {
+            "filters": filters,
+            "kernel_size": list(kernel),
+            "padding": padding,
+            "activation": activation,
+            "use_bias": use_bias,
+        }
+    }
+
+
 def block_model(
     in_shape: tuple[int, int, int],
     filters: int,
@@ -80,15 +94,7 @@ def block_model(
     use_bias: bool,
 ) -> CnnModel:
     layers = [
-        {
-            "Conv2D": {
-                "filters": filters,
-                "kernel_size": list(kernel),
-                "padding": padding,
-                "activation": activation,
-                "use_bias": use_bias,
-            }
-        },
+        conv_layer(filters, kernel, padding, activation, use_bias),
         {"MaxPool2D": {"pool_size": 2, "padding": pool_padding}},
         {"Flatten": {}},
         {"Dense": {"units": 3}},
@@ -776,6 +782,11 @@ def test_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):
     assert fused.pool_dropout_fits(pool, dropout, x)
 
 
+def no_conv_fusion(*args, **kwargs) -> bool:
+    """fused.conv_pool_dropout_fits for tests of the pool and dropout on their own."""
+    return False
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_dropout_preset_trains_the_same_with_pool_dropout(kernels, bf16):
     torch.manual_seed(0)
@@ -792,13 +803,14 @@ def test_dropout_preset_trains_the_same_with_pool_dropout(kernels, bf16):
     for use_it in (True, False):
         trained = copy.deepcopy(model)
         fused.pool_dropout_fits = counted if use_it else (lambda *a: False)
+        conv_fits, fused.conv_pool_dropout_fits = fused.conv_pool_dropout_fits, no_conv_fusion
         try:
             torch.manual_seed(1)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = trained(x)
             (logits.float() * torch.linspace(-1, 1, 10)).sum().backward()
         finally:
-            fused.pool_dropout_fits = fits
+            fused.pool_dropout_fits, fused.conv_pool_dropout_fits = fits, conv_fits
         results.append((logits.detach(), [p.grad for p in trained.parameters()]))
     assert runs == [True, True]  # the second and third pools, each with the dropout after it
     assert torch.equal(results[0][0], results[1][0])
@@ -829,6 +841,7 @@ def run_pooled(
     if c_input_grad is not None:
         fused.MAX_SHIFTED_BYTES = 1 << 40 if c_input_grad else 0
     fused.pooled_grad_fits = fits if use_kernel else (lambda *a: False)
+    conv_fits, fused.conv_pool_dropout_fits = fused.conv_pool_dropout_fits, no_conv_fusion
     torch.manual_seed(5)  # the same dropout masks in every run
     try:
         with (
@@ -840,6 +853,7 @@ def run_pooled(
     finally:
         fused.pooled_grad_fits, fused.MIN_RUN = fits, min_run
         fused.MAX_SHIFTED_BYTES = max_shifted
+        fused.conv_pool_dropout_fits = conv_fits
     assert bool(calls) == use_kernel, "conv_then_pool ran where it should not, or not"
     grads = {name: p.grad for name, p in model.named_parameters()}
     return logits.detach().float(), grads, leaf.grad
@@ -987,3 +1001,212 @@ def test_pooled_gradients_run_where_they_pay_and_only_in_training(kernels):
     conv, pool = second_pair("dropout")
     y = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
     assert not fused.pooled_grad_fits(conv, pool, y)
+
+
+# ------------------------------------- conv, pool and dropout with the conv's gradients in C
+# from the pool's winners alone (fused.conv_pool_dropout, winners_backward in kernels.c)
+
+
+def conv_pool_dropout_model(
+    in_shape: tuple[int, int, int],
+    filters: int,
+    kernel: tuple[int, int],
+    padding: str,
+    activation: str | None,
+    use_bias: bool,
+    p: float,
+) -> CnnModel:
+    layers = [
+        conv_layer(filters, kernel, padding, activation, use_bias),
+        {"MaxPool2D": {"pool_size": 2}},
+        {"Dropout": {"rate": p}},
+        {"Flatten": {}},
+        {"Dense": {"units": 3}},
+    ]
+    return build_model(layers, in_shape, 3).train()
+
+
+def winners_shape_fits(kh: int, kw: int, in_c: int) -> bool:
+    """The kernel shapes winners_backward has registers for (PATCH_SHAPES in kernels.c)."""
+    run = kw * in_c // 16
+    return {1: 16, 2: 8, 3: 5, 4: 4}.get(kh, 0) >= run
+
+
+def run_conv_pool_dropout(
+    model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, int]:
+    """Logits, parameter gradients and input gradient of one training pass, with
+    conv_pool_dropout where it fits or with the layers one by one (the same dropout masks);
+    and how many times conv_pool_dropout ran."""
+    model = copy.deepcopy(model)
+    leaf = x.clone().requires_grad_()
+    fits = fused.conv_pool_dropout_fits
+    fused.conv_pool_dropout_fits = fits if use_kernel else no_conv_fusion
+    torch.manual_seed(5)
+    try:
+        with (
+            counted("conv_pool_dropout") as calls,
+            torch.autocast("cpu", torch.bfloat16, enabled=bf16),
+        ):
+            logits = model(leaf)
+        F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % logits.shape[1]).backward()
+    finally:
+        fused.conv_pool_dropout_fits = fits
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return logits.detach().float(), grads, leaf.grad, len(calls)
+
+
+@property_settings
+@given(
+    in_c=st.sampled_from([16, 32, 48]),
+    filters=st.sampled_from([16, 32, 64]),
+    height=st.integers(2, 11),
+    width=st.integers(2, 11),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    padding=st.sampled_from(["valid", "same"]),
+    activation=st.sampled_from([None, "relu"]),
+    use_bias=st.booleans(),
+    batch=st.integers(1, 37),
+    p=st.sampled_from([0.1, 0.25, 0.5]),
+    channels_last_weights=st.booleans(),
+)
+def test_conv_pool_dropout_gradients_match_the_layers_in_fp32(
+    kernels,
+    in_c,
+    filters,
+    height,
+    width,
+    kh,
+    kw,
+    padding,
+    activation,
+    use_bias,
+    batch,
+    p,
+    channels_last_weights,
+):
+    """Any geometry: where it runs, the same logits bit for bit (the same conv and pool-dropout
+    forward) and the same gradients up to the order of the fp32 sums, whatever the weights'
+    memory layout (the trainer keeps them channels_last); where it does not, the layers run."""
+    if block_is_empty(height, width, kh, kw, padding, "valid"):
+        return
+    model = conv_pool_dropout_model(
+        (in_c, height, width), filters, (kh, kw), padding, activation, use_bias, p
+    )
+    if channels_last_weights:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
+    logits, grads, grad_x, ran = run_conv_pool_dropout(model, x, use_kernel=True)
+    ref_logits, ref_grads, ref_grad_x, _ = run_conv_pool_dropout(model, x, use_kernel=False)
+    # 'same' with odd kernels pads evenly inside the conv itself: conv_pool_dropout leaves those
+    pads_itself = padding == "same" and kh % 2 == 1 and kw % 2 == 1 and kh * kw > 1
+    assert ran == int(winners_shape_fits(kh, kw, in_c) and not pads_itself)
+    assert torch.equal(logits, ref_logits)
+    assert_close_grads(grads, ref_grads, rtol=1e-5)
+    assert torch.allclose(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last_weights", [False, True])
+def test_dropout_preset_takes_conv_pool_dropout_under_bf16_autocast(kernels, channels_last_weights):
+    """The `dropout` preset's second and third convs, with their pools and dropouts, as the
+    trainer holds the model (channels_last weights) and as built: the same logits as the layers
+    under autocast, and gradients as close to the fp32 ones as autocast's own (oneDNN rounds a
+    bf16 conv's weight gradient to bf16; the kernel sums the bf16 products in fp32)."""
+    distances = {}  # parameter -> [ours, autocast's], relative to fp32, summed over the seeds
+    for seed in (3, 4, 5):
+        torch.manual_seed(seed)
+        model = build_model(preset_layers("dropout", 10, (1, 28, 28)), (1, 28, 28), 10).train()
+        if channels_last_weights:
+            model = model.to(memory_format=torch.channels_last)
+        x = torch.randn(20, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+        _, exact_grads, _, _ = run_conv_pool_dropout(model, x, use_kernel=False)
+        logits, grads, _, ran = run_conv_pool_dropout(model, x, use_kernel=True, bf16=True)
+        ref_logits, ref_grads, _, _ = run_conv_pool_dropout(model, x, use_kernel=False, bf16=True)
+        assert ran == 2
+        assert torch.equal(logits, ref_logits)
+        assert_close_grads(grads, ref_grads, rtol=2e-2)
+        for name, exact in exact_grads.items():
+            ours, theirs = distances.setdefault(name, [0.0, 0.0])
+            distances[name] = [
+                ours + ((grads[name] - exact).norm() / exact.norm()).item(),
+                theirs + ((ref_grads[name] - exact).norm() / exact.norm()).item(),
+            ]
+    for name, (ours, theirs) in distances.items():
+        assert ours <= 1.1 * theirs + 3e-3, (name, ours, theirs)
+
+
+def test_conv_pool_dropout_gradients_do_not_depend_on_threads(kernels):
+    """Weight and bias gradients summed in a fixed order of 16-image chunks; input gradients
+    image by image: the same bits on 1, 2 and 3 threads, in fp32 and bf16."""
+    model = conv_pool_dropout_model((32, 14, 14), 32, (2, 2), "same", "relu", True, 0.25)
+    x = torch.randn(45, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    for bf16 in (False, True):
+        results = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                results.append(run_conv_pool_dropout(model, x, use_kernel=True, bf16=bf16))
+        finally:
+            torch.set_num_threads(threads)
+        _, grads, grad_x, ran = results[0]
+        assert ran == 1
+        for _, other_grads, other_grad_x, _ in results[1:]:
+            assert torch.equal(other_grad_x, grad_x)
+            assert all(torch.equal(other_grads[name], grads[name]) for name in grads)
+
+
+def test_conv_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):
+    model = conv_pool_dropout_model((32, 8, 8), 32, (2, 2), "valid", "relu", True, 0.25)
+    conv, pool, dropout = model.layers[0], model.layers[1], model.layers[2]
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x.contiguous())  # NCHW
+    corner = x[:, :, :2, :2].contiguous(memory_format=torch.channels_last)
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, corner)  # one row, one column
+    assert fused.conv_pool_dropout_fits(conv, pool, dropout, corner, (0, 1, 0, 1))  # padded
+    with torch.no_grad():
+        assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    dropout.eval()
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    dropout.train()
+    handle = conv.register_forward_hook(lambda *args: None)
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    handle.remove()
+    conv.requires_grad_(False)
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    conv.requires_grad_(True)
+    pool.deferred_act = torch.nn.Sigmoid()
+    assert not fused.conv_pool_dropout_fits(conv, pool, dropout, x)
+    pool.deferred_act = torch.nn.ReLU()
+
+    def fits(in_shape, filters, kernel, padding="valid", pool_padding="valid", strides=1):
+        layers = [
+            {
+                "Conv2D": {
+                    "filters": filters,
+                    "kernel_size": list(kernel),
+                    "padding": padding,
+                    "strides": strides,
+                    "activation": "relu",
+                }
+            },
+            {"MaxPool2D": {"pool_size": 2, "padding": pool_padding}},
+            {"Dropout": {"rate": 0.25}},
+        ]
+        layers_ = build_model([*layers, {"Flatten": {}}, {"Dense": {"units": 2}}], in_shape, 2)
+        layers_ = layers_.train().layers
+        inputs = torch.randn(2, *in_shape).contiguous(memory_format=torch.channels_last)
+        return fused.conv_pool_dropout_fits(layers_[0], layers_[1], layers_[2], inputs)
+
+    assert fits((16, 9, 9), 16, (3, 3))
+    assert not fits((24, 9, 9), 16, (3, 3))  # input channels not a multiple of 16
+    assert not fits((16, 9, 9), 24, (3, 3))  # output channels not a multiple of 16
+    assert not fits((16, 9, 9), 272, (3, 3))  # more output channels than the kernel holds
+    assert not fits((32, 9, 9), 16, (3, 3))  # 3 x 3 x 32 values: more than its registers
+    assert not fits((16, 9, 9), 16, (3, 3), padding="same")  # the conv pads itself
+    assert not fits((16, 9, 9), 16, (3, 3), pool_padding="same")  # pads 7 x 7 below, right
+    assert fits((16, 9, 9), 16, (2, 2), pool_padding="same")  # 8 x 8: nothing to pad
+    assert not fits((16, 9, 9), 16, (2, 2), strides=2)

@@ -1,8 +1,9 @@
 """Layers in C on the CPU (cnnlab/native/kernels.c): Conv2D on few channels + MaxPool2D(2) in one
 kernel, MaxPool2D(2) alone in training, the weight gradient (and for small ones the input
 gradient) of a Conv2D under a MaxPool2D(2) from the pooled gradient (`conv_then_pool`),
-Dropout, and a MaxPool2D(2) with its deferred ReLU and the Dropout after it in one pass
-(`pool_dropout`).
+Dropout, a MaxPool2D(2) with its deferred ReLU and the Dropout after it in one pass
+(`pool_dropout`), and a Conv2D on 16-channel multiples under those two with all of its gradients
+from the pool's winners (`conv_pool_dropout`).
 
 The first block of a small CNN takes half of a PyTorch training step on the CPU: a one-channel
 convolution runs at under 10 GFLOP/s in oneDNN, and max pooling writes, reads back and
@@ -456,14 +457,9 @@ def pool_dropout(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor) -> 
     return _PoolDropout.apply(x, *_pooled_size(pool, x), relu, dropout.p)
 
 
-def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
-    """Whether `conv_then_pool` can take this Conv2D, the MaxPool2D after it and x: a training
-    step (gradient on the weights), a stride-1 conv with kw * in_channels at most MAX_RUN and at
-    least MIN_RUN, unless x takes a gradient too and `input_grad_fits` (the C weight gradient
-    pays on narrower rows only beside the C input gradient), its activation (if any) applied
-    after the pool, a pool that `pool_fits`, a channels_last
-    float32 or bf16 CPU input, nothing hooked, and the kernels built."""
-    kw = conv.kernel_size[1]
+def _trained_plain_conv(conv: KerasConv2D) -> bool:
+    """A training step (gradient on the fp32 weights) of a stride-1, undilated, ungrouped conv
+    with zero padding, whose activation (if any) the pool after it applies."""
     return (
         torch.is_grad_enabled()
         and conv.weight.requires_grad
@@ -473,9 +469,139 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
+        and (conv.activation_name is None or conv.defer_activation)
+    )
+
+
+def conv_pool_dropout_fits(
+    conv: KerasConv2D,
+    pool: KerasMaxPool2D,
+    dropout: nn.Dropout,
+    x: torch.Tensor,
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> bool:
+    """Whether `conv_pool_dropout` can take this Conv2D, the MaxPool2D and the Dropout after it,
+    and x once padded by pad (left, right, top, bottom): a training step (gradient on
+    the weights) of a stride-1 conv without padding of its own, whose activation (ReLU or none)
+    the pool applies; in and out channels whole multiples of 16, at most 256 out; a kernel
+    whose kh * kw * in_c values fit the C kernel's registers (`winners_backward` in kernels.c);
+    a 'valid' 2x2 pool and a Dropout that `pool_dropout_fits` would take; a channels_last
+    float32 or bf16 CPU input; nothing watching the layers."""
+    act = pool.deferred_act
+    return (
+        _trained_plain_conv(conv)
+        and all(int(p) == 0 for p in conv.padding)  # type: ignore[union-attr]
+        and conv.in_channels % native.LANES == 0
+        and conv.out_channels % native.LANES == 0
+        and conv.out_channels <= native.MAX_WINNERS_CHANNELS
+        and pool.pad is None
+        and pool.training
+        and dropout.training
+        and 0.0 < dropout.p < 1.0
+        and (act is None or type(act) is nn.ReLU)
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[0] > 0
+        and x.shape[2] + pad[2] + pad[3] >= conv.kernel_size[0] + 1
+        and x.shape[3] + pad[0] + pad[1] >= conv.kernel_size[1] + 1
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and _two_by_two(pool)
+        and unwatched(conv, conv.act, pool, dropout, *([act] if act is not None else []))
+        and _kernels_usable()
+        and _winners_shape(*conv.kernel_size, conv.in_channels)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
+    lib = native.library()
+    return lib is not None and bool(lib.winners_shape_supported(kh, kw * in_c // native.LANES))
+
+
+class _ConvPoolDropout(torch.autograd.Function):
+    """oneDNN's conv, then the C pool, ReLU and dropout (pool_dropout_forward); in the backward
+    pass the conv's input, weight and bias gradients in C from the pool's winners alone
+    (winners_backward in kernels.c)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conv: KerasConv2D,
+        pool: KerasMaxPool2D,
+        p: float,
+    ) -> torch.Tensor:
+        lib = native.library()
+        assert lib is not None
+        dtype = torch.bfloat16 if _bf16_autocast() else x.dtype
+        x_in = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        w = weight.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            y = torch.nn.functional.conv2d(x_in, w, bias.to(dtype) if bias is not None else None)
+        y = y.contiguous(memory_format=torch.channels_last)
+        pooled, code, shape = _pool_outputs(y, *_pooled_size(pool, y))
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+        relu = int(pool.deferred_act is not None)
+        is_bf16 = int(dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        outputs = (_pointer(pooled), _pointer(code), threads)
+        _check(lib.pool_dropout_forward(_pointer(y), is_bf16, *shape, relu, p, seed, *outputs))
+        ctx.save_for_backward(x_in, w, code)
+        ctx.geometry = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
+        ctx.p, ctx.has_bias, ctx.x_dtype = p, bias is not None, x.dtype
+        return pooled
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        lib = native.library()
+        assert lib is not None
+        x_in, w, code = ctx.saved_tensors
+        g = ctx.geometry
+        grad = grad_y.to(x_in.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x_in) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
+        grad_b = torch.empty(g.out_c) if ctx.has_bias else None
+        is_bf16 = int(x_in.dtype == torch.bfloat16)
+        w_nhwc = w.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last weights
+        inputs = (_pointer(x_in), is_bf16, _pointer(w_nhwc), int(w.dtype == torch.bfloat16))
+        pooled = (_pointer(grad), is_bf16, _pointer(code), ctx.p)
+        batch = (x_in.shape[0], GRAD_CHUNK)
+        outputs = (_pointer(grad_x), _pointer(grad_w), _pointer(grad_b), torch.get_num_threads())
+        _check(lib.winners_backward(ctypes.byref(g), *inputs, *pooled, *batch, *outputs))
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def conv_pool_dropout(
+    conv: KerasConv2D, pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor
+) -> torch.Tensor:
+    """dropout(act(pool(conv(x)))) for a `conv_pool_dropout_fits` triple and x padded as the conv
+    needs (it runs unpadded here): the forward values of
+    the layers (the same dropout mask for the same generator state), with the conv's gradients
+    computed in C from the pool's winners alone: a quarter of the conv's outputs, fewer after
+    the ReLU and the dropout, where oneDNN's backward passes go through all of them (`dropout`'s
+    second and third conv: training steps 1.3x faster). The gradients are summed in fp32: the
+    same values as the layers' up to rounding (oneDNN rounds a bf16 conv's weight gradient to
+    bf16)."""
+    return _ConvPoolDropout.apply(x, conv.weight, conv.bias, conv, pool, dropout.p)
+
+
+def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> bool:
+    """Whether `conv_then_pool` can take this Conv2D, the MaxPool2D after it and x: a training
+    step (gradient on the weights), a stride-1 conv with kw * in_channels at most MAX_RUN and at
+    least MIN_RUN, unless x takes a gradient too and `input_grad_fits` (the C weight gradient
+    pays on narrower rows only beside the C input gradient), its activation (if any) applied
+    after the pool, a pool that `pool_fits`, a channels_last
+    float32 or bf16 CPU input, nothing hooked, and the kernels built."""
+    kw = conv.kernel_size[1]
+    return (
+        _trained_plain_conv(conv)
         and kw * conv.in_channels <= native.MAX_RUN
         and (kw * conv.in_channels >= MIN_RUN or (x.requires_grad and input_grad_fits(conv)))
-        and (conv.activation_name is None or conv.defer_activation)
         and x.device.type == "cpu"
         and x.dim() == 4
         and x.shape[0] > 0

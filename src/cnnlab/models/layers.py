@@ -925,10 +925,11 @@ def _defer_activations_to_pools(modules: Sequence[nn.Module]) -> None:
 
 
 class LayerStack(nn.Sequential):
-    """nn.Sequential that runs pairs of layers as one fused CPU kernel where it can
-    (cnnlab.models.fused: a Conv2D on few channels and its MaxPool2D, a Conv2D and its MaxPool2D
-    with the C gradients, a MaxPool2D and the Dropout after it), a 'same' Conv2D without the
-    padding its MaxPool2D never reads, and every other layer as it is."""
+    """nn.Sequential that runs layers together as fused CPU kernels where it can
+    (cnnlab.models.fused: a Conv2D on few channels and its MaxPool2D, a Conv2D, its MaxPool2D
+    and the Dropout after them with the conv's gradients in C, a Conv2D and its MaxPool2D with
+    the C gradients, a MaxPool2D and the Dropout after it), a 'same' Conv2D without the padding
+    its MaxPool2D never reads, and every other layer as it is."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self)
@@ -943,6 +944,9 @@ class LayerStack(nn.Sequential):
             ):
                 x, ran = self._conv_pool(modules, i, x)
                 i += ran
+            elif (fused_x := self._conv_pool_dropout(modules, i, x)) is not None:
+                x = fused_x
+                i += 3
             elif (
                 isinstance(module, KerasConv2D)
                 and isinstance(following, KerasMaxPool2D)
@@ -984,7 +988,32 @@ class LayerStack(nn.Sequential):
         if isinstance(pool, KerasMaxPool2D) and fused.pooled_grad_fits(after, pool, x):
             x = x[:, :, : x.shape[2] - pad[0], : x.shape[3] - pad[1]]  # conv_then_pool pads
             return x.contiguous(memory_format=torch.channels_last), 2
+        fused_x = LayerStack._conv_pool_dropout(modules, i + 2, x, padded=True)
+        if fused_x is not None:
+            return fused_x, 5
         return after.forward_padded(x), 3
+
+    @staticmethod
+    def _conv_pool_dropout(
+        modules: list[nn.Module], i: int, x: torch.Tensor, padded: bool = False
+    ) -> torch.Tensor | None:
+        """The Conv2D, MaxPool2D and Dropout at modules[i : i + 3] as one
+        `fused.conv_pool_dropout` where it fits, after the conv's uneven 'same' padding (less
+        what the pool never reads) unless x is `padded` with it already; None elsewhere."""
+        conv, pool, dropout = [*modules[i : i + 3], None, None, None][:3]
+        if not (
+            isinstance(conv, KerasConv2D)
+            and isinstance(pool, KerasMaxPool2D)
+            and isinstance(dropout, KerasDropout)
+            and x.dim() == 4
+        ):
+            return None
+        pad: Pad = (0, 0, 0, 0)
+        if not padded:
+            pad = conv.pad_for_pool(pool, x.shape[2], x.shape[3]) or conv.uneven_pad or pad
+        if not fused.conv_pool_dropout_fits(conv, pool, dropout, x, pad):
+            return None
+        return fused.conv_pool_dropout(conv, pool, dropout, F.pad(x, pad) if any(pad) else x)
 
 
 class CnnModel(nn.Module):

@@ -61,6 +61,7 @@ class ConvPoolGeometry(ctypes.Structure):
 
 LANES = 16  # LANES in kernels.c: weights and gradients have out_c rounded up to a multiple
 MAX_TAPS = 128  # MAX_TAPS in kernels.c: kh * kw * in_c at most
+MAX_WINNERS_CHANNELS = 256  # MAX_BLOCKS * LANES in kernels.c: winners_backward's most out_c
 MAX_RUN = 256  # MAX_RUN_VECTORS * LANES in kernels.c: the longest run (kw * in_c values for
 # pooled_weight_grad, (kw + 1) * in_c for pooled_input_grad, rounded up to whole vectors)
 
@@ -163,6 +164,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pool_dropout_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32]
     lib.pool_dropout_backward.argtypes += [ctypes.c_float, pointer, i32]
     lib.pool_dropout_backward.restype = ctypes.c_int
+    # (geometry, x, is_bf16, w, w_is_bf16, grad, grad_is_bf16, code, p, batch, chunk, grad_x,
+    #  grad_w, grad_b, threads)
+    lib.winners_backward.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i32, pointer]
+    lib.winners_backward.argtypes += [ctypes.c_float, i64, i64, pointer, pointer, pointer, i32]
+    lib.winners_backward.restype = ctypes.c_int
+    # (kh, run): whether winners_backward has registers for kh rows of run vectors
+    lib.winners_shape_supported.argtypes = [i32, i32]
+    lib.winners_shape_supported.restype = ctypes.c_int
     # (x, y, is_bf16, n, p, seed, threads)
     lib.dropout.argtypes = [pointer, pointer, i32, i64, ctypes.c_float, ctypes.c_uint64, i32]
     lib.dropout.restype = ctypes.c_int

@@ -1492,3 +1492,296 @@ int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *co
     }
     return 0;
 }
+
+/* ------------------------------------- convolution gradients from the pool's winners alone
+ *
+ * The weight, bias and input gradients of a stride-1 convolution whose output went through
+ * the 2x2 max pool, its deferred ReLU and the dropout after them (pool_dropout_forward), from
+ * the gradient of the dropout's output and pool_dropout_forward's codes. Only each window's
+ * winner gets a gradient: a quarter of the conv's outputs, fewer after the ReLU and the
+ * dropout, where oneDNN's backward passes run over the whole unpooled gradient.
+ *
+ * Image by image:
+ * - Input gradient, window by window: the channels whose winner is position p (0-3) come out
+ *   of the codes as a bit mask, and the sum of gradient[o] x kernel o over its set bits (the
+ *   kernel is kh * kw * in_c contiguous values) builds up in registers, then goes once into
+ *   the image's fp32 buffer at position p's patch (kh rows of kw * in_c values).
+ * - Weight gradient, channel by channel: the windows where channel o has a live winner, as a
+ *   bit mask gathered while going through the windows; channel o's kernel gradient sums
+ *   gradient x input patch over them, in registers.
+ * Visiting set bits keeps branches off the codes themselves (only each loop's exit depends on
+ * them). Chunks of `chunk` images sum into their own partial weight gradients, added in chunk
+ * order at the end, so the result does not depend on the number of threads.
+ *
+ * x [batch][in_h][in_w][in_c]: the conv's input with its padding (the conv runs unpadded
+ *   here), float32 or bfloat16
+ * w float32 or bfloat16 [out_c][kh][kw][in_c] (an OIHW tensor in channels_last strides)
+ * grad, code [batch][pool_h][pool_w][out_c]: the gradient of pool_dropout_forward's output
+ *   (scaled by the keep rate and rounded as dropout_gradient does) and its codes
+ * grad_x as x, or NULL; grad_w float32, laid out as w; grad_b float32 [out_c], or NULL
+ * in_c and out_c are whole vectors, out_c at most MAX_BLOCKS of them; the kernel's kh rows of
+ * kw * in_c values are a shape PATCH_SHAPES lists (at most MAX_PATCH_VECTORS vectors). */
+
+#define MAX_PATCH_VECTORS 16
+#define MAX_BLOCKS 16
+
+/* The bits of a lane mask: lane k in bit k. */
+INLINE uint32_t mask_bits(lanes_mask mask) {
+#ifdef __AVX512F__
+    return (uint32_t)mask;
+#else
+    uint32_t bits = 0;
+    for (int k = 0; k < LANES; k++) bits |= (uint32_t)(mask[k] != 0) << k;
+    return bits;
+#endif
+}
+
+/* words[k] |= bit for each lane k of `live` that is set. */
+INLINE void set_window_bits(uint64_t *words, uint32_t live, uint64_t bit) {
+#ifdef __AVX512F__
+    const __m512i one = _mm512_set1_epi64((long long)bit);
+    __m512i *low = (__m512i *)words, *high = low + 1;
+    _mm512_storeu_si512(low, _mm512_mask_or_epi64(_mm512_loadu_si512(low), (__mmask8)live,
+                                                  _mm512_loadu_si512(low), one));
+    _mm512_storeu_si512(high, _mm512_mask_or_epi64(_mm512_loadu_si512(high),
+                                                   (__mmask8)(live >> 8),
+                                                   _mm512_loadu_si512(high), one));
+#else
+    for (int k = 0; k < LANES; k++)
+        if (live >> k & 1) words[k] |= bit;
+#endif
+}
+
+/* Position p's share of a window's input gradient: the sum over the channels set in `words`
+ * (channel 64 * k + bit in word k) of gradient[o] x kernel o (patch vectors at w + o * patch *
+ * LANES), added to the kh rows of `to` (row floats apart, run vectors each). */
+INLINE void add_kernels(const float *restrict w, const float *restrict gradient,
+                        const uint64_t *words, int count, float *restrict to, int64_t row,
+                        const int kh, const int run) {
+    const int patch = kh * run;
+    vf acc[MAX_PATCH_VECTORS];
+    for (int a = 0; a < patch; a++) acc[a] = (vf){0};
+    uint64_t any = 0;
+    for (int k = 0; k < count; k++) {
+        any |= words[k];
+        for (uint64_t bits = words[k]; bits; bits &= bits - 1) {
+            const int o = 64 * k + __builtin_ctzll(bits);
+            const float scale = gradient[o];
+            const float *kernel = w + (int64_t)o * patch * LANES;
+            for (int a = 0; a < patch; a++) acc[a] += scale * load(kernel + a * LANES);
+        }
+    }
+    if (!any) return;
+    for (int ky = 0; ky < kh; ky++)
+        for (int v = 0; v < run; v++) {
+            float *at = to + ky * row + v * LANES;
+            store(at, load(at) + acc[ky * run + v]);
+        }
+}
+
+/* Channel o's kernel gradient (patch vectors at dw) plus, for each window set in `words`, its
+ * gradient (gradient[window * out_c]) x the input patch at its winner (image + corner[window]
+ * + position[code], kh rows row floats apart, run vectors each); returns the gradients' sum. */
+INLINE float add_patches(const float *restrict image, int64_t row, const uint64_t *words,
+                         int count, int out_c, const float *restrict gradient,
+                         const uint8_t *restrict code, const int32_t *restrict corner,
+                         const int32_t position[4], float *restrict dw, const int kh,
+                         const int run) {
+    const int patch = kh * run;
+    vf acc[MAX_PATCH_VECTORS];
+    for (int a = 0; a < patch; a++) acc[a] = load(dw + a * LANES);
+    float sum = 0.0f;
+    for (int k = 0; k < count; k++)
+        for (uint64_t bits = words[(int64_t)k * out_c]; bits; bits &= bits - 1) {
+            const int window = 64 * k + __builtin_ctzll(bits);
+            const int64_t at = (int64_t)window * out_c;
+            const float *from = image + corner[window] + position[code[at]];
+            const float scale = gradient[at];
+            sum += scale;
+            for (int ky = 0; ky < kh; ky++)
+                for (int v = 0; v < run; v++)
+                    acc[ky * run + v] += scale * load(from + ky * row + v * LANES);
+        }
+    for (int a = 0; a < patch; a++) store(dw + a * LANES, acc[a]);
+    return sum;
+}
+
+/* The (kh, run) pairs the kernels are built for: kh at most 4, kh * run at most 16. */
+#define PATCH_SHAPES(X)                                                                      \
+    X(1, 1) X(1, 2) X(1, 3) X(1, 4) X(1, 5) X(1, 6) X(1, 7) X(1, 8) X(1, 9) X(1, 10) X(1, 11)  \
+    X(1, 12) X(1, 13) X(1, 14) X(1, 15) X(1, 16) X(2, 1) X(2, 2) X(2, 3) X(2, 4) X(2, 5)       \
+    X(2, 6) X(2, 7) X(2, 8) X(3, 1) X(3, 2) X(3, 3) X(3, 4) X(3, 5) X(4, 1) X(4, 2) X(4, 3)    \
+    X(4, 4)
+#define SHAPE_KEY(kh, run) ((kh) * 32 + (run))
+
+int winners_shape_supported(int32_t kh, int32_t run) {
+    switch (SHAPE_KEY(kh, run)) {
+#define CASE(a, b) case SHAPE_KEY(a, b):
+        PATCH_SHAPES(CASE)
+#undef CASE
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static void add_kernels_any(const float *w, const float *gradient, const uint64_t *words,
+                            int count, float *to, int64_t row, int kh, int run) {
+    switch (SHAPE_KEY(kh, run)) {
+#define CASE(a, b)                                                                            \
+    case SHAPE_KEY(a, b): add_kernels(w, gradient, words, count, to, row, a, b); break;
+        PATCH_SHAPES(CASE)
+#undef CASE
+    }
+}
+
+static float add_patches_any(const float *image, int64_t row, const uint64_t *words, int count,
+                             int out_c, const float *gradient, const uint8_t *code,
+                             const int32_t *corner, const int32_t position[4], float *dw, int kh,
+                             int run) {
+    switch (SHAPE_KEY(kh, run)) {
+#define CASE(a, b)                                                                            \
+    case SHAPE_KEY(a, b):                                                                     \
+        return add_patches(image, row, words, count, out_c, gradient, code, corner, position, \
+                           dw, a, b);
+        PATCH_SHAPES(CASE)
+#undef CASE
+    }
+    return 0.0f;
+}
+
+typedef struct {
+    float *image;      /* the input image in float32 */
+    float *grad_image; /* its gradient, summed in float32 */
+    float *gradient;   /* [windows][out_c]: the pooled gradient, scaled where dropout */
+    uint64_t *windows; /* [words][out_c]: bit `window % 64` of word window / 64: a live winner */
+    int32_t *corner;   /* [windows]: where each window's top-left pixel is in image */
+} WinnersScratch;
+
+/* Image b's share: its input gradient into grad_x (unless NULL), and its weight and bias
+ * gradients added to dw ([out_c][patch vectors]) and db (unless NULL). */
+static void winners_image(const Geometry *g, const void *x, int is_bf16, const float *w,
+                          const void *grad, int grad_is_bf16, const uint8_t *code, float scale,
+                          int64_t b, void *grad_x, float *dw, float *db,
+                          const WinnersScratch *s) {
+    const int in_c = g->in_c, out_c = g->out_c, blocks = out_c / LANES, words = (blocks + 3) / 4;
+    const int run = g->kw * in_c / LANES, patch = g->kh * run, windows = g->pool_h * g->pool_w;
+    const int window_words = (windows + 63) / 64;
+    const int64_t row = (int64_t)g->in_w * in_c, pixels = (int64_t)g->in_h * row;
+    const int32_t position[4] = {0, in_c, (int32_t)row, (int32_t)row + in_c};
+    const uint8_t *image_code = code + b * windows * out_c;
+    for (int64_t k = 0; k < pixels; k += LANES)
+        store(s->image + k, load_any(x, b * pixels + k, is_bf16));
+    memset(s->windows, 0, sizeof(uint64_t) * (size_t)(window_words * out_c));
+    if (grad_x) memset(s->grad_image, 0, sizeof(float) * (size_t)pixels);
+    for (int window = 0; window < windows; window++) {
+        const int64_t at = (int64_t)window * out_c;
+        uint64_t by_position[4][MAX_BLOCKS / 4] = {{0}};
+        for (int q = 0; q < blocks; q++) {
+            /* a dropped value's code (DROPPED set) and NO_GRADIENT match no position */
+            const vi winner = load_bytes(image_code + at + q * LANES);
+            vf gv = load_any(grad, b * windows * out_c + at + q * LANES, grad_is_bf16) * scale;
+            if (grad_is_bf16) gv = (vf)(to_bf16(gv) << 16); /* as dropout_gradient rounds it */
+            store(s->gradient + at + q * LANES, gv);
+            uint32_t live = 0;
+            for (int p = 0; p < 4; p++) {
+                const uint32_t bits = mask_bits(lanes_equal(winner, p));
+                by_position[p][q / 4] |= (uint64_t)bits << (16 * (q % 4));
+                live |= bits;
+            }
+            set_window_bits(s->windows + (window / 64) * out_c + q * LANES, live,
+                            (uint64_t)1 << (window % 64));
+        }
+        if (grad_x)
+            for (int p = 0; p < 4; p++)
+                add_kernels_any(w, s->gradient + at, by_position[p], words,
+                                s->grad_image + s->corner[window] + position[p], row, g->kh, run);
+    }
+    for (int o = 0; o < out_c; o++) {
+        const float sum = add_patches_any(s->image, row, s->windows + o, window_words, out_c,
+                                          s->gradient + o, image_code + o, s->corner, position,
+                                          dw + (int64_t)o * patch * LANES, g->kh, run);
+        if (db) db[o] += sum;
+    }
+    if (grad_x)
+        for (int64_t k = 0; k < pixels; k += LANES)
+            store_rounded(grad_x, b * pixels + k, is_bf16, load(s->grad_image + k));
+}
+
+static int winners_scratch(const Geometry *g, WinnersScratch *s) {
+    const int64_t pixels = (int64_t)g->in_h * g->in_w * g->in_c;
+    const int windows = g->pool_h * g->pool_w;
+    const size_t image_bytes = (size_t)(pixels * 4 + 63) / 64 * 64;
+    s->image = aligned_alloc(64, image_bytes);
+    s->grad_image = aligned_alloc(64, image_bytes);
+    s->gradient = malloc(sizeof(float) * (size_t)windows * (size_t)g->out_c);
+    s->windows = malloc(sizeof(uint64_t) * (size_t)((windows + 63) / 64 * g->out_c));
+    s->corner = malloc(sizeof(int32_t) * (size_t)windows);
+    if (!(s->image && s->grad_image && s->gradient && s->windows && s->corner)) return -2;
+    for (int i = 0; i < g->pool_h; i++)
+        for (int j = 0; j < g->pool_w; j++)
+            s->corner[i * g->pool_w + j] = (2 * i * g->in_w + 2 * j) * g->in_c;
+    return 0;
+}
+
+static void free_winners_scratch(WinnersScratch *s) {
+    free(s->image);
+    free(s->grad_image);
+    free(s->gradient);
+    free(s->windows);
+    free(s->corner);
+}
+
+int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const void *w,
+                     int32_t w_is_bf16, const void *grad, int32_t grad_is_bf16,
+                     const uint8_t *code, float p, int64_t batch, int64_t chunk,
+                     void *grad_x, float *grad_w, float *grad_b, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
+    const int run = g->kw * g->in_c / LANES, patch = g->kh * run;
+    if (g->in_c % LANES || g->out_c % LANES || g->out_c > MAX_BLOCKS * LANES ||
+        !winners_shape_supported(g->kh, run) ||
+        g->conv_h < 2 * g->pool_h || g->conv_w < 2 * g->pool_w || chunk < 1 ||
+        !(p >= 0.0f && p < 1.0f))
+        return -1;
+    const float scale = keep_scale(drop_threshold(p));
+    const int64_t chunks = (batch + chunk - 1) / chunk;
+    const int64_t w_size = (int64_t)g->out_c * patch * LANES;
+    float *kernels = malloc(sizeof(float) * (size_t)w_size);
+    float *partial = calloc((size_t)(chunks * (w_size + g->out_c)), sizeof(float));
+    if (!partial || !kernels) {
+        free(kernels);
+        free(partial);
+        return -2;
+    }
+    for (int64_t k = 0; k < w_size; k += LANES) store(kernels + k, load_any(w, k, w_is_bf16));
+    float *partial_b = partial + chunks * w_size;
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
+    {
+        WinnersScratch s;
+        const int failed = winners_scratch(g, &s);
+        status = failed;
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < chunks; k++) {
+            const int64_t end = (k + 1) * chunk < batch ? (k + 1) * chunk : batch;
+            for (int64_t b = k * chunk; b < end && !failed; b++)
+                winners_image(g, x, is_bf16, kernels, grad, grad_is_bf16, code, scale, b, grad_x,
+                              partial + k * w_size, grad_b ? partial_b + k * g->out_c : NULL, &s);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < w_size; r += LANES) {
+            vf sum = load(partial + r);
+            for (int64_t k = 1; k < chunks; k++) sum += load(partial + k * w_size + r);
+            store(grad_w + r, sum);
+        }
+        free_winners_scratch(&s);
+    }
+    if (grad_b) {
+        memcpy(grad_b, partial_b, sizeof(float) * (size_t)g->out_c);
+        for (int64_t k = 1; k < chunks; k++)
+            for (int c = 0; c < g->out_c; c++) grad_b[c] += partial_b[k * g->out_c + c];
+    }
+    free(kernels);
+    free(partial);
+    return status;
+}
