@@ -490,11 +490,7 @@ def conv_pool_dropout_fits(
     act = pool.deferred_act
     return (
         _trained_plain_conv(conv)
-        and all(int(p) == 0 for p in conv.padding)  # type: ignore[union-attr]
-        and conv.in_channels % native.LANES == 0
-        and conv.out_channels % native.LANES == 0
-        and conv.out_channels <= native.MAX_WINNERS_CHANNELS
-        and pool.pad is None
+        and winners_fit(conv, pool)
         and pool.training
         and dropout.training
         and 0.0 < dropout.p < 1.0
@@ -509,6 +505,21 @@ def conv_pool_dropout_fits(
         and _two_by_two(pool)
         and unwatched(conv, conv.act, pool, dropout, *([act] if act is not None else []))
         and _kernels_usable()
+    )
+
+
+def winners_fit(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
+    """Whether the C kernel that computes a conv's gradients from its 2x2 pool's winners
+    (winners_backward in kernels.c) takes this conv and pool: in and out channels whole multiples
+    of 16, at most 256 out, kernel rows of at most 256 values, no padding left to the conv itself
+    (its input comes padded), and a 'valid' pool."""
+    return (
+        conv.in_channels % native.LANES == 0
+        and conv.out_channels % native.LANES == 0
+        and conv.out_channels <= native.MAX_WINNERS_CHANNELS
+        and isinstance(conv.padding, tuple)
+        and all(int(p) == 0 for p in conv.padding)
+        and pool.pad is None
         and _winners_shape(*conv.kernel_size, conv.in_channels)
     )
 
@@ -517,6 +528,28 @@ def conv_pool_dropout_fits(
 def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
     lib = native.library()
     return lib is not None and bool(lib.winners_shape_supported(kh, kw * in_c // native.LANES))
+
+
+def _winners_backward(
+    ctx: Any, x_in: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, code: torch.Tensor, p: float
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The input (where ctx needs it), weight and bias (where ctx has one) gradients of the conv
+    that ran on x_in with weights w under the 2x2 pool (and the dropout of rate p, 0 for none)
+    whose codes and output gradient (in x_in's dtype, channels_last) these are."""
+    lib = native.library()
+    assert lib is not None
+    g = ctx.winners_geometry
+    grad_x = torch.empty_like(x_in) if ctx.needs_input_grad[0] else None
+    grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
+    grad_b = torch.empty(g.out_c) if ctx.has_bias else None
+    is_bf16 = int(x_in.dtype == torch.bfloat16)
+    w_nhwc = w.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last weights
+    inputs = (_pointer(x_in), is_bf16, _pointer(w_nhwc), int(w.dtype == torch.bfloat16))
+    pooled = (_pointer(grad), is_bf16, _pointer(code), p)
+    batch = (x_in.shape[0], GRAD_CHUNK)
+    outputs = (_pointer(grad_x), _pointer(grad_w), _pointer(grad_b), torch.get_num_threads())
+    _check(lib.winners_backward(ctypes.byref(g), *inputs, *pooled, *batch, *outputs))
+    return grad_x, grad_w, grad_b
 
 
 class _ConvPoolDropout(torch.autograd.Function):
@@ -550,27 +583,15 @@ class _ConvPoolDropout(torch.autograd.Function):
         outputs = (_pointer(pooled), _pointer(code), threads)
         _check(lib.pool_dropout_forward(_pointer(y), is_bf16, *shape, relu, p, seed, *outputs))
         ctx.save_for_backward(x_in, w, code)
-        ctx.geometry = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
+        ctx.winners_geometry = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
         ctx.p, ctx.has_bias, ctx.x_dtype = p, bias is not None, x.dtype
         return pooled
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        lib = native.library()
-        assert lib is not None
         x_in, w, code = ctx.saved_tensors
-        g = ctx.geometry
         grad = grad_y.to(x_in.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty_like(x_in) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
-        grad_b = torch.empty(g.out_c) if ctx.has_bias else None
-        is_bf16 = int(x_in.dtype == torch.bfloat16)
-        w_nhwc = w.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last weights
-        inputs = (_pointer(x_in), is_bf16, _pointer(w_nhwc), int(w.dtype == torch.bfloat16))
-        pooled = (_pointer(grad), is_bf16, _pointer(code), ctx.p)
-        batch = (x_in.shape[0], GRAD_CHUNK)
-        outputs = (_pointer(grad_x), _pointer(grad_w), _pointer(grad_b), torch.get_num_threads())
-        _check(lib.winners_backward(ctypes.byref(g), *inputs, *pooled, *batch, *outputs))
+        grad_x, grad_w, grad_b = _winners_backward(ctx, x_in, w, grad, code, ctx.p)
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -701,6 +722,7 @@ class _ConvThenPool(torch.autograd.Function):
         ctx.save_for_backward(padded, w, argmax)
         ctx.conv, ctx.geometry, ctx.shape, ctx.dtype = conv, g, shape, dtype
         ctx.has_bias, ctx.input_shape = bias is not None, x.shape
+        ctx.winners_geometry = g if winners_fit(conv, pool) else None
         return pooled
 
     @staticmethod
@@ -714,6 +736,9 @@ class _ConvThenPool(torch.autograd.Function):
         is_bf16 = int(ctx.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
         g = ctx.geometry
+        if ctx.winners_geometry is not None:
+            grad_x, grad_w, grad_b = _winners_backward(ctx, padded, w, grad, argmax, 0.0)
+            return _cropped(ctx, grad_x), grad_w, grad_b, None, None
         grad_x = None
         if ctx.needs_input_grad[0] and input_grad_fits(conv):
             grad_x = torch.empty_like(padded)  # channels_last, as padded
@@ -753,10 +778,7 @@ class _ConvThenPool(torch.autograd.Function):
                 1,
                 [True, False, False],
             )[0]
-        if grad_x is not None and conv.uneven_pad:
-            left, _, top, _ = conv.uneven_pad
-            height, width = ctx.input_shape[2:]
-            grad_x = grad_x[:, :, top : top + height, left : left + width]
+        grad_x = _cropped(ctx, grad_x)
         grad_w = torch.empty((out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
         grad_b = torch.empty(out_c) if ctx.has_bias else None
         x_nhwc = padded.permute(0, 2, 3, 1)  # contiguous: padded is channels_last
@@ -776,6 +798,16 @@ class _ConvThenPool(torch.autograd.Function):
             )
         )
         return grad_x, grad_w, grad_b, None, None
+
+
+def _cropped(ctx: Any, grad_x: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient of `_ConvThenPool`'s input from that of its padded copy."""
+    pad = ctx.conv.uneven_pad
+    if grad_x is None or not pad:
+        return grad_x
+    left, _, top, _ = pad
+    height, width = ctx.input_shape[2:]
+    return grad_x[:, :, top : top + height, left : left + width]
 
 
 def conv_then_pool(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> torch.Tensor:

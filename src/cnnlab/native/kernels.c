@@ -1496,16 +1496,16 @@ int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *co
 /* ------------------------------------- convolution gradients from the pool's winners alone
  *
  * The weight, bias and input gradients of a stride-1 convolution whose output went through
- * the 2x2 max pool, its deferred ReLU and the dropout after them (pool_dropout_forward), from
- * the gradient of the dropout's output and pool_dropout_forward's codes. Only each window's
- * winner gets a gradient: a quarter of the conv's outputs, fewer after the ReLU and the
- * dropout, where oneDNN's backward passes run over the whole unpooled gradient.
+ * the 2x2 max pool (with its deferred ReLU and the dropout after them: pool_dropout_forward),
+ * from the pooled gradient and the pool's codes. Only each window's winner gets a gradient: a
+ * quarter of the conv's outputs, fewer after the ReLU and the dropout, where oneDNN's backward
+ * passes run over the whole unpooled gradient.
  *
  * Image by image:
  * - Input gradient, window by window: the channels whose winner is position p (0-3) come out
  *   of the codes as a bit mask, and the sum of gradient[o] x kernel o over its set bits (the
- *   kernel is kh * kw * in_c contiguous values) builds up in registers, then goes once into
- *   the image's fp32 buffer at position p's patch (kh rows of kw * in_c values).
+ *   kernel is kh rows of kw * in_c contiguous values) builds up in registers, a few kernel rows
+ *   at a time, then goes once into the image's fp32 buffer at position p's patch.
  * - Weight gradient, channel by channel: the windows where channel o has a live winner, as a
  *   bit mask gathered while going through the windows; channel o's kernel gradient sums
  *   gradient x input patch over them, in registers.
@@ -1517,12 +1517,13 @@ int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *co
  *   here), float32 or bfloat16
  * w float32 or bfloat16 [out_c][kh][kw][in_c] (an OIHW tensor in channels_last strides)
  * grad, code [batch][pool_h][pool_w][out_c]: the gradient of pool_dropout_forward's output
- *   (scaled by the keep rate and rounded as dropout_gradient does) and its codes
+ *   (scaled by the keep rate of p and rounded as dropout_gradient does) and its codes; with
+ *   p = 0, of a pool alone (max_pool_forward's or a conv-pool kernel's window positions)
  * grad_x as x, or NULL; grad_w float32, laid out as w; grad_b float32 [out_c], or NULL
- * in_c and out_c are whole vectors, out_c at most MAX_BLOCKS of them; the kernel's kh rows of
- * kw * in_c values are a shape PATCH_SHAPES lists (at most MAX_PATCH_VECTORS vectors). */
+ * in_c and out_c are whole vectors, out_c at most MAX_BLOCKS of them; kw * in_c at most
+ * MAX_RUN_VECTORS vectors. */
 
-#define MAX_PATCH_VECTORS 16
+#define MAX_GROUP_VECTORS 16 /* sums held in registers */
 #define MAX_BLOCKS 16
 
 /* The bits of a lane mask: lane k in bit k. */
@@ -1552,15 +1553,15 @@ INLINE void set_window_bits(uint64_t *words, uint32_t live, uint64_t bit) {
 #endif
 }
 
-/* Position p's share of a window's input gradient: the sum over the channels set in `words`
- * (channel 64 * k + bit in word k) of gradient[o] x kernel o (patch vectors at w + o * patch *
- * LANES), added to the kh rows of `to` (row floats apart, run vectors each). */
-INLINE void add_kernels(const float *restrict w, const float *restrict gradient,
+/* Position p's share of a window's input gradient, for `rows` rows of the kernels: the sum
+ * over the channels set in `words` (channel 64 * k + bit in word k) of gradient[o] x those rows
+ * of kernel o (rows * run vectors at w + o * patch * LANES), added to the rows of `to` (row
+ * floats apart, run vectors each). */
+INLINE void add_kernels(const float *restrict w, int patch, const float *restrict gradient,
                         const uint64_t *words, int count, float *restrict to, int64_t row,
-                        const int kh, const int run) {
-    const int patch = kh * run;
-    vf acc[MAX_PATCH_VECTORS];
-    for (int a = 0; a < patch; a++) acc[a] = (vf){0};
+                        const int rows, const int run) {
+    vf acc[MAX_GROUP_VECTORS];
+    for (int a = 0; a < rows * run; a++) acc[a] = (vf){0};
     uint64_t any = 0;
     for (int k = 0; k < count; k++) {
         any |= words[k];
@@ -1568,28 +1569,28 @@ INLINE void add_kernels(const float *restrict w, const float *restrict gradient,
             const int o = 64 * k + __builtin_ctzll(bits);
             const float scale = gradient[o];
             const float *kernel = w + (int64_t)o * patch * LANES;
-            for (int a = 0; a < patch; a++) acc[a] += scale * load(kernel + a * LANES);
+            for (int a = 0; a < rows * run; a++) acc[a] += scale * load(kernel + a * LANES);
         }
     }
     if (!any) return;
-    for (int ky = 0; ky < kh; ky++)
+    for (int ky = 0; ky < rows; ky++)
         for (int v = 0; v < run; v++) {
             float *at = to + ky * row + v * LANES;
             store(at, load(at) + acc[ky * run + v]);
         }
 }
 
-/* Channel o's kernel gradient (patch vectors at dw) plus, for each window set in `words`, its
- * gradient (gradient[window * out_c]) x the input patch at its winner (image + corner[window]
- * + position[code], kh rows row floats apart, run vectors each); returns the gradients' sum. */
+/* `rows` rows of channel o's kernel gradient (rows * run vectors at dw) plus, for each window
+ * set in `words`, its gradient (gradient[window * out_c]) x the input patch at its winner
+ * (image + corner[window] + position[code]: those rows, row floats apart, run vectors each);
+ * returns the gradients' sum. */
 INLINE float add_patches(const float *restrict image, int64_t row, const uint64_t *words,
                          int count, int out_c, const float *restrict gradient,
                          const uint8_t *restrict code, const int32_t *restrict corner,
-                         const int32_t position[4], float *restrict dw, const int kh,
+                         const int32_t position[4], float *restrict dw, const int rows,
                          const int run) {
-    const int patch = kh * run;
-    vf acc[MAX_PATCH_VECTORS];
-    for (int a = 0; a < patch; a++) acc[a] = load(dw + a * LANES);
+    vf acc[MAX_GROUP_VECTORS];
+    for (int a = 0; a < rows * run; a++) acc[a] = load(dw + a * LANES);
     float sum = 0.0f;
     for (int k = 0; k < count; k++)
         for (uint64_t bits = words[(int64_t)k * out_c]; bits; bits &= bits - 1) {
@@ -1598,53 +1599,56 @@ INLINE float add_patches(const float *restrict image, int64_t row, const uint64_
             const float *from = image + corner[window] + position[code[at]];
             const float scale = gradient[at];
             sum += scale;
-            for (int ky = 0; ky < kh; ky++)
+            for (int ky = 0; ky < rows; ky++)
                 for (int v = 0; v < run; v++)
                     acc[ky * run + v] += scale * load(from + ky * row + v * LANES);
         }
-    for (int a = 0; a < patch; a++) store(dw + a * LANES, acc[a]);
+    for (int a = 0; a < rows * run; a++) store(dw + a * LANES, acc[a]);
     return sum;
 }
 
-/* The (kh, run) pairs the kernels are built for: kh at most 4, kh * run at most 16. */
-#define PATCH_SHAPES(X)                                                                      \
+/* The kernels go through `rows` kernel rows of run vectors at a time, their sums in registers:
+ * group_rows(run) rows (all of them where fewer), for rows of at most MAX_RUN_VECTORS. These
+ * are the (rows, run) pairs they are built for. */
+#define GROUP_SHAPES(X)                                                                      \
     X(1, 1) X(1, 2) X(1, 3) X(1, 4) X(1, 5) X(1, 6) X(1, 7) X(1, 8) X(1, 9) X(1, 10) X(1, 11)  \
     X(1, 12) X(1, 13) X(1, 14) X(1, 15) X(1, 16) X(2, 1) X(2, 2) X(2, 3) X(2, 4) X(2, 5)       \
     X(2, 6) X(2, 7) X(2, 8) X(3, 1) X(3, 2) X(3, 3) X(3, 4) X(3, 5) X(4, 1) X(4, 2) X(4, 3)    \
     X(4, 4)
-#define SHAPE_KEY(kh, run) ((kh) * 32 + (run))
+#define SHAPE_KEY(rows, run) ((rows) * 32 + (run))
 
-int winners_shape_supported(int32_t kh, int32_t run) {
-    switch (SHAPE_KEY(kh, run)) {
-#define CASE(a, b) case SHAPE_KEY(a, b):
-        PATCH_SHAPES(CASE)
-#undef CASE
-        return 1;
-    default:
-        return 0;
-    }
+INLINE int min_int(int a, int b) { return a < b ? a : b; }
+
+INLINE int group_rows(int run) {
+    const int rows = MAX_GROUP_VECTORS / run;
+    return rows < 4 ? rows : 4;
 }
 
-static void add_kernels_any(const float *w, const float *gradient, const uint64_t *words,
-                            int count, float *to, int64_t row, int kh, int run) {
-    switch (SHAPE_KEY(kh, run)) {
+int winners_shape_supported(int32_t kh, int32_t run) {
+    return kh >= 1 && run >= 1 && run <= MAX_RUN_VECTORS;
+}
+
+static void add_kernels_any(const float *w, int patch, const float *gradient,
+                            const uint64_t *words, int count, float *to, int64_t row, int rows,
+                            int run) {
+    switch (SHAPE_KEY(rows, run)) {
 #define CASE(a, b)                                                                            \
-    case SHAPE_KEY(a, b): add_kernels(w, gradient, words, count, to, row, a, b); break;
-        PATCH_SHAPES(CASE)
+    case SHAPE_KEY(a, b): add_kernels(w, patch, gradient, words, count, to, row, a, b); break;
+        GROUP_SHAPES(CASE)
 #undef CASE
     }
 }
 
 static float add_patches_any(const float *image, int64_t row, const uint64_t *words, int count,
                              int out_c, const float *gradient, const uint8_t *code,
-                             const int32_t *corner, const int32_t position[4], float *dw, int kh,
-                             int run) {
-    switch (SHAPE_KEY(kh, run)) {
+                             const int32_t *corner, const int32_t position[4], float *dw,
+                             int rows, int run) {
+    switch (SHAPE_KEY(rows, run)) {
 #define CASE(a, b)                                                                            \
     case SHAPE_KEY(a, b):                                                                     \
         return add_patches(image, row, words, count, out_c, gradient, code, corner, position, \
                            dw, a, b);
-        PATCH_SHAPES(CASE)
+        GROUP_SHAPES(CASE)
 #undef CASE
     }
     return 0.0f;
@@ -1666,7 +1670,7 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
                           const WinnersScratch *s) {
     const int in_c = g->in_c, out_c = g->out_c, blocks = out_c / LANES, words = (blocks + 3) / 4;
     const int run = g->kw * in_c / LANES, patch = g->kh * run, windows = g->pool_h * g->pool_w;
-    const int window_words = (windows + 63) / 64;
+    const int window_words = (windows + 63) / 64, rows = group_rows(run);
     const int64_t row = (int64_t)g->in_w * in_c, pixels = (int64_t)g->in_h * row;
     const int32_t position[4] = {0, in_c, (int32_t)row, (int32_t)row + in_c};
     const uint8_t *image_code = code + b * windows * out_c;
@@ -1692,17 +1696,22 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
             set_window_bits(s->windows + (window / 64) * out_c + q * LANES, live,
                             (uint64_t)1 << (window % 64));
         }
-        if (grad_x)
-            for (int p = 0; p < 4; p++)
-                add_kernels_any(w, s->gradient + at, by_position[p], words,
-                                s->grad_image + s->corner[window] + position[p], row, g->kh, run);
+        if (!grad_x) continue;
+        for (int p = 0; p < 4; p++)
+            for (int ky = 0; ky < g->kh; ky += rows) {
+                float *to = s->grad_image + s->corner[window] + position[p] + ky * row;
+                add_kernels_any(w + ky * run * LANES, patch, s->gradient + at, by_position[p],
+                                words, to, row, min_int(rows, g->kh - ky), run);
+            }
     }
-    for (int o = 0; o < out_c; o++) {
-        const float sum = add_patches_any(s->image, row, s->windows + o, window_words, out_c,
-                                          s->gradient + o, image_code + o, s->corner, position,
-                                          dw + (int64_t)o * patch * LANES, g->kh, run);
-        if (db) db[o] += sum;
-    }
+    for (int o = 0; o < out_c; o++)
+        for (int ky = 0; ky < g->kh; ky += rows) {
+            const float sum = add_patches_any(
+                s->image + ky * row, row, s->windows + o, window_words, out_c, s->gradient + o,
+                image_code + o, s->corner, position, dw + ((int64_t)o * patch + ky * run) * LANES,
+                min_int(rows, g->kh - ky), run);
+            if (db && ky == 0) db[o] += sum;
+        }
     if (grad_x)
         for (int64_t k = 0; k < pixels; k += LANES)
             store_rounded(grad_x, b * pixels + k, is_bf16, load(s->grad_image + k));
