@@ -121,12 +121,16 @@ class TorchOptimSteps:
 
 
 def without_conv_then_pool(step: Callable[[], object]) -> object:
+    """A step with oneDNN's conv gradients: no conv_then_pool, no conv_pool_dropout."""
     min_run, max_shifted = fused.MIN_RUN, fused.MAX_SHIFTED_BYTES
+    conv_pool_dropout_fits = fused.conv_pool_dropout_fits
     fused.MIN_RUN, fused.MAX_SHIFTED_BYTES = sys.maxsize, 0
+    fused.conv_pool_dropout_fits = lambda *args, **kwargs: False
     try:
         return step()
     finally:
         fused.MIN_RUN, fused.MAX_SHIFTED_BYTES = min_run, max_shifted
+        fused.conv_pool_dropout_fits = conv_pool_dropout_fits
 
 
 def with_pad_pass(step: Callable[[], object]) -> object:
@@ -179,7 +183,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
             continue
         if lever.startswith(("global", "frozen")) and preset != "fast":
             continue
-        if lever.startswith("conv gradients") and preset not in ("tiny", "basic"):
+        if lever.startswith("conv gradients") and preset not in ("tiny", "basic", "dropout"):
             continue
         if lever.startswith("first block") and preset != "dropout":
             continue
