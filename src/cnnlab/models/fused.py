@@ -605,7 +605,7 @@ def conv_pool_dropout(
     the layers (the same dropout mask for the same generator state), with the conv's gradients
     computed in C from the pool's winners alone: a quarter of the conv's outputs, fewer after
     the ReLU and the dropout, where oneDNN's backward passes go through all of them (`dropout`'s
-    second and third conv: training steps 1.3x faster). The gradients are summed in fp32: the
+    second and third conv: training steps 1.24-1.28x faster). The gradients are summed in fp32: the
     same values as the layers' up to rounding (oneDNN rounds a bf16 conv's weight gradient to
     bf16)."""
     return _ConvPoolDropout.apply(x, conv.weight, conv.bias, conv, pool, dropout.p)
