@@ -399,30 +399,26 @@ def pool_dropout_fits(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor
     )
 
 
+def _run_pool_dropout(
+    x: torch.Tensor, pool_h: int, pool_w: int, relu: bool, p: float
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """pool_dropout_forward on x: the output, its codes and `_pool_outputs`' shape."""
+    lib = native.library()
+    assert lib is not None
+    y, code, shape = _pool_outputs(x, pool_h, pool_w)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+    is_bf16 = int(x.dtype == torch.bfloat16)
+    outputs = (_pointer(y), _pointer(code), torch.get_num_threads())
+    _check(lib.pool_dropout_forward(_pointer(x), is_bf16, *shape, int(relu), p, seed, *outputs))
+    return y, code, shape
+
+
 class _PoolDropout(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, pool_h: int, pool_w: int, relu: bool, p: float
     ) -> torch.Tensor:
-        lib = native.library()
-        assert lib is not None
-        y, code, shape = _pool_outputs(x, pool_h, pool_w)
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
-        is_bf16 = int(x.dtype == torch.bfloat16)
-        threads = torch.get_num_threads()
-        _check(
-            lib.pool_dropout_forward(
-                _pointer(x),
-                is_bf16,
-                *shape,
-                int(relu),
-                p,
-                seed,
-                _pointer(y),
-                _pointer(code),
-                threads,
-            )
-        )
+        y, code, shape = _run_pool_dropout(x, pool_h, pool_w, relu, p)
         ctx.save_for_backward(code)
         ctx.shape, ctx.dtype, ctx.p = shape, x.dtype, p
         return y
@@ -567,21 +563,14 @@ class _ConvPoolDropout(torch.autograd.Function):
         pool: KerasMaxPool2D,
         p: float,
     ) -> torch.Tensor:
-        lib = native.library()
-        assert lib is not None
         dtype = torch.bfloat16 if _bf16_autocast() else x.dtype
         x_in = x.to(dtype).contiguous(memory_format=torch.channels_last)
         w = weight.to(dtype)
         with torch.autocast("cpu", enabled=False):
             y = torch.nn.functional.conv2d(x_in, w, bias.to(dtype) if bias is not None else None)
         y = y.contiguous(memory_format=torch.channels_last)
-        pooled, code, shape = _pool_outputs(y, *_pooled_size(pool, y))
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
-        relu = int(pool.deferred_act is not None)
-        is_bf16 = int(dtype == torch.bfloat16)
-        threads = torch.get_num_threads()
-        outputs = (_pointer(pooled), _pointer(code), threads)
-        _check(lib.pool_dropout_forward(_pointer(y), is_bf16, *shape, relu, p, seed, *outputs))
+        relu = pool.deferred_act is not None
+        pooled, code, _ = _run_pool_dropout(y, *_pooled_size(pool, y), relu, p)
         ctx.save_for_backward(x_in, w, code)
         ctx.winners_geometry = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
         ctx.p, ctx.has_bias, ctx.x_dtype = p, bias is not None, x.dtype
@@ -727,18 +716,18 @@ class _ConvThenPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_pooled: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        lib = native.library()
-        assert lib is not None
         padded, w, argmax = ctx.saved_tensors
-        conv: KerasConv2D = ctx.conv
-        batch, conv_h, conv_w, out_c, _, _ = ctx.shape
         grad = grad_pooled.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
-        is_bf16 = int(ctx.dtype == torch.bfloat16)
-        threads = torch.get_num_threads()
-        g = ctx.geometry
         if ctx.winners_geometry is not None:
             grad_x, grad_w, grad_b = _winners_backward(ctx, padded, w, grad, argmax, 0.0)
             return _cropped(ctx, grad_x), grad_w, grad_b, None, None
+        lib = native.library()
+        assert lib is not None
+        conv: KerasConv2D = ctx.conv
+        batch, conv_h, conv_w, out_c, _, _ = ctx.shape
+        is_bf16 = int(ctx.dtype == torch.bfloat16)
+        threads = torch.get_num_threads()
+        g = ctx.geometry
         grad_x = None
         if ctx.needs_input_grad[0] and input_grad_fits(conv):
             grad_x = torch.empty_like(padded)  # channels_last, as padded
