@@ -60,6 +60,7 @@
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef int32_t vi_unaligned __attribute__((vector_size(LANES * sizeof(int32_t)), aligned(4)));
 typedef uint16_t vh_unaligned __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(2)));
 typedef uint8_t vb_unaligned __attribute__((vector_size(LANES), aligned(1)));
 
@@ -78,6 +79,7 @@ typedef struct {
 
 INLINE vf load(const float *p) { return *(const vf_unaligned *)p; }
 INLINE void store(float *p, vf v) { *(vf_unaligned *)p = v; }
+INLINE void store_ints(int32_t *p, vi v) { *(vi_unaligned *)p = v; }
 INLINE vf select_f(vi mask, vf yes, vf no) { return (vf)((mask & (vi)yes) | (~mask & (vi)no)); }
 INLINE vi select_i(vi mask, vi yes, vi no) { return (mask & yes) | (~mask & no); }
 
@@ -97,6 +99,10 @@ INLINE lanes_mask not_positive(vf value) {
 INLINE lanes_mask lanes_equal(vi a, int value) {
     return _mm512_cmpeq_epi32_mask((__m512i)a, _mm512_set1_epi32(value));
 }
+/* value is not zero (NaN included) */
+INLINE lanes_mask nonzero(vf value) {
+    return _mm512_cmp_ps_mask((__m512)value, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+}
 INLINE vf pick_f(lanes_mask mask, vf yes, vf no) {
     return (vf)_mm512_mask_mov_ps((__m512)no, mask, (__m512)yes);
 }
@@ -108,6 +114,7 @@ typedef vi lanes_mask;
 INLINE lanes_mask beats(vf value, vf best) { return (value > best) | (value != value); }
 INLINE lanes_mask not_positive(vf value) { return value <= (vf){0}; }
 INLINE lanes_mask lanes_equal(vi a, int value) { return a == value; }
+INLINE lanes_mask nonzero(vf value) { return value != (vf){0}; }
 INLINE vf pick_f(lanes_mask mask, vf yes, vf no) { return select_f(mask, yes, no); }
 INLINE vi pick_i(lanes_mask mask, vi yes, vi no) { return select_i(mask, yes, no); }
 #endif
@@ -1502,10 +1509,12 @@ int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *co
  * passes run over the whole unpooled gradient.
  *
  * Image by image:
+ * - Winners whose gradient is zero (a ReLU after a plain pool zeroed it) are left out.
  * - Input gradient, window by window: the channels whose winner is position p (0-3) come out
  *   of the codes as a bit mask, and the sum of gradient[o] x kernel o over its set bits (the
  *   kernel is kh rows of kw * in_c contiguous values) builds up in registers, a few kernel rows
- *   at a time, then goes once into the image's fp32 buffer at position p's patch.
+ *   at a time (those rows for all windows before the next ones, so that they stay in L1), then
+ *   goes once into the image's fp32 buffer at position p's patch.
  * - Weight gradient, channel by channel: the windows where channel o has a live winner, as a
  *   bit mask gathered while going through the windows; channel o's kernel gradient sums
  *   gradient x input patch over them, in registers.
@@ -1555,9 +1564,9 @@ INLINE void set_window_bits(uint64_t *words, uint32_t live, uint64_t bit) {
 
 /* Position p's share of a window's input gradient, for `rows` rows of the kernels: the sum
  * over the channels set in `words` (channel 64 * k + bit in word k) of gradient[o] x those rows
- * of kernel o (rows * run vectors at w + o * patch * LANES), added to the rows of `to` (row
+ * of kernel o (rows * run vectors at w + o * stride * LANES), added to the rows of `to` (row
  * floats apart, run vectors each). */
-INLINE void add_kernels(const float *restrict w, int patch, const float *restrict gradient,
+INLINE void add_kernels(const float *restrict w, int stride, const float *restrict gradient,
                         const uint64_t *words, int count, float *restrict to, int64_t row,
                         const int rows, const int run) {
     vf acc[MAX_GROUP_VECTORS];
@@ -1568,7 +1577,7 @@ INLINE void add_kernels(const float *restrict w, int patch, const float *restric
         for (uint64_t bits = words[k]; bits; bits &= bits - 1) {
             const int o = 64 * k + __builtin_ctzll(bits);
             const float scale = gradient[o];
-            const float *kernel = w + (int64_t)o * patch * LANES;
+            const float *kernel = w + (int64_t)o * stride * LANES;
             for (int a = 0; a < rows * run; a++) acc[a] += scale * load(kernel + a * LANES);
         }
     }
@@ -1582,28 +1591,26 @@ INLINE void add_kernels(const float *restrict w, int patch, const float *restric
 
 /* `rows` rows of channel o's kernel gradient (rows * run vectors at dw) plus, for each window
  * set in `words`, its gradient (gradient[window * out_c]) x the input patch at its winner
- * (image + corner[window] + position[code]: those rows, row floats apart, run vectors each);
- * returns the gradients' sum. */
+ * (image + winner_at[window * out_c]: those rows, row floats apart, run vectors each); returns
+ * the gradients' sum. */
 INLINE float add_patches(const float *restrict image, int64_t row, const uint64_t *words,
                          int count, int out_c, const float *restrict gradient,
-                         const uint8_t *restrict code, const int32_t *restrict corner,
-                         const int32_t position[4], float *restrict dw, const int rows,
+                         const int32_t *restrict winner_at, float *restrict dw, const int rows,
                          const int run) {
-    vf acc[MAX_GROUP_VECTORS];
-    for (int a = 0; a < rows * run; a++) acc[a] = load(dw + a * LANES);
+    vf acc[MAX_GROUP_VECTORS]; /* from zero: GCC made loading them from dw a memcpy to the stack */
+    for (int a = 0; a < rows * run; a++) acc[a] = (vf){0};
     float sum = 0.0f;
     for (int k = 0; k < count; k++)
         for (uint64_t bits = words[(int64_t)k * out_c]; bits; bits &= bits - 1) {
-            const int window = 64 * k + __builtin_ctzll(bits);
-            const int64_t at = (int64_t)window * out_c;
-            const float *from = image + corner[window] + position[code[at]];
+            const int64_t at = (int64_t)(64 * k + __builtin_ctzll(bits)) * out_c;
+            const float *from = image + winner_at[at];
             const float scale = gradient[at];
             sum += scale;
             for (int ky = 0; ky < rows; ky++)
                 for (int v = 0; v < run; v++)
                     acc[ky * run + v] += scale * load(from + ky * row + v * LANES);
         }
-    for (int a = 0; a < rows * run; a++) store(dw + a * LANES, acc[a]);
+    for (int a = 0; a < rows * run; a++) store(dw + a * LANES, load(dw + a * LANES) + acc[a]);
     return sum;
 }
 
@@ -1628,26 +1635,24 @@ int winners_shape_supported(int32_t kh, int32_t run) {
     return kh >= 1 && run >= 1 && run <= MAX_RUN_VECTORS;
 }
 
-static void add_kernels_any(const float *w, int patch, const float *gradient,
+static void add_kernels_any(const float *w, int stride, const float *gradient,
                             const uint64_t *words, int count, float *to, int64_t row, int rows,
                             int run) {
     switch (SHAPE_KEY(rows, run)) {
 #define CASE(a, b)                                                                            \
-    case SHAPE_KEY(a, b): add_kernels(w, patch, gradient, words, count, to, row, a, b); break;
+    case SHAPE_KEY(a, b): add_kernels(w, stride, gradient, words, count, to, row, a, b); break;
         GROUP_SHAPES(CASE)
 #undef CASE
     }
 }
 
 static float add_patches_any(const float *image, int64_t row, const uint64_t *words, int count,
-                             int out_c, const float *gradient, const uint8_t *code,
-                             const int32_t *corner, const int32_t position[4], float *dw,
-                             int rows, int run) {
+                             int out_c, const float *gradient, const int32_t *winner_at,
+                             float *dw, int rows, int run) {
     switch (SHAPE_KEY(rows, run)) {
 #define CASE(a, b)                                                                            \
     case SHAPE_KEY(a, b):                                                                     \
-        return add_patches(image, row, words, count, out_c, gradient, code, corner, position, \
-                           dw, a, b);
+        return add_patches(image, row, words, count, out_c, gradient, winner_at, dw, a, b);
         GROUP_SHAPES(CASE)
 #undef CASE
     }
@@ -1658,12 +1663,15 @@ typedef struct {
     float *image;      /* the input image in float32 */
     float *grad_image; /* its gradient, summed in float32 */
     float *gradient;   /* [windows][out_c]: the pooled gradient, scaled where dropout */
+    int32_t *winner_at; /* [windows][out_c]: where a live winner's input patch is in image */
+    uint64_t (*by_position)[4][MAX_BLOCKS / 4]; /* [windows]: the channels won at each position */
     uint64_t *windows; /* [words][out_c]: bit `window % 64` of word window / 64: a live winner */
     int32_t *corner;   /* [windows]: where each window's top-left pixel is in image */
 } WinnersScratch;
 
 /* Image b's share: its input gradient into grad_x (unless NULL), and its weight and bias
- * gradients added to dw ([out_c][patch vectors]) and db (unless NULL). */
+ * gradients added to dw ([out_c][patch vectors]) and db (unless NULL); w holds the kernels by
+ * group of kernel rows (see winners_backward). */
 static void winners_image(const Geometry *g, const void *x, int is_bf16, const float *w,
                           const void *grad, int grad_is_bf16, const uint8_t *code, float scale,
                           int64_t b, void *grad_x, float *dw, float *db,
@@ -1680,35 +1688,44 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
     if (grad_x) memset(s->grad_image, 0, sizeof(float) * (size_t)pixels);
     for (int window = 0; window < windows; window++) {
         const int64_t at = (int64_t)window * out_c;
-        uint64_t by_position[4][MAX_BLOCKS / 4] = {{0}};
+        uint64_t(*by_position)[MAX_BLOCKS / 4] = s->by_position[window];
+        memset(by_position, 0, sizeof s->by_position[window]);
         for (int q = 0; q < blocks; q++) {
             /* a dropped value's code (DROPPED set) and NO_GRADIENT match no position */
             const vi winner = load_bytes(image_code + at + q * LANES);
             vf gv = load_any(grad, b * windows * out_c + at + q * LANES, grad_is_bf16) * scale;
             if (grad_is_bf16) gv = (vf)(to_bf16(gv) << 16); /* as dropout_gradient rounds it */
             store(s->gradient + at + q * LANES, gv);
+            /* position p's patch is (p & 1) columns right and (p >> 1) rows down */
+            store_ints(s->winner_at + at + q * LANES,
+                       s->corner[window] + (winner & 1) * in_c + (winner >> 1 & 1) * (int32_t)row);
+            const uint32_t has_gradient = mask_bits(nonzero(gv));
             uint32_t live = 0;
             for (int p = 0; p < 4; p++) {
-                const uint32_t bits = mask_bits(lanes_equal(winner, p));
+                const uint32_t bits = mask_bits(lanes_equal(winner, p)) & has_gradient;
                 by_position[p][q / 4] |= (uint64_t)bits << (16 * (q % 4));
                 live |= bits;
             }
             set_window_bits(s->windows + (window / 64) * out_c + q * LANES, live,
                             (uint64_t)1 << (window % 64));
         }
-        if (!grad_x) continue;
-        for (int p = 0; p < 4; p++)
-            for (int ky = 0; ky < g->kh; ky += rows) {
-                float *to = s->grad_image + s->corner[window] + position[p] + ky * row;
-                add_kernels_any(w + ky * run * LANES, patch, s->gradient + at, by_position[p],
-                                words, to, row, min_int(rows, g->kh - ky), run);
-            }
     }
+    /* a few kernel rows for all windows at a time, so that those rows of all kernels stay in L1 */
+    if (grad_x)
+        for (int ky = 0; ky < g->kh; ky += rows)
+            for (int window = 0; window < windows; window++)
+                for (int p = 0; p < 4; p++) {
+                    float *to = s->grad_image + s->corner[window] + position[p] + ky * row;
+                    add_kernels_any(w + (int64_t)out_c * ky * run * LANES,
+                                    min_int(rows, g->kh - ky) * run, s->gradient + window * out_c,
+                                    s->by_position[window][p], words, to, row,
+                                    min_int(rows, g->kh - ky), run);
+                }
     for (int o = 0; o < out_c; o++)
         for (int ky = 0; ky < g->kh; ky += rows) {
             const float sum = add_patches_any(
                 s->image + ky * row, row, s->windows + o, window_words, out_c, s->gradient + o,
-                image_code + o, s->corner, position, dw + ((int64_t)o * patch + ky * run) * LANES,
+                s->winner_at + o, dw + ((int64_t)o * patch + ky * run) * LANES,
                 min_int(rows, g->kh - ky), run);
             if (db && ky == 0) db[o] += sum;
         }
@@ -1724,9 +1741,13 @@ static int winners_scratch(const Geometry *g, WinnersScratch *s) {
     s->image = aligned_alloc(64, image_bytes);
     s->grad_image = aligned_alloc(64, image_bytes);
     s->gradient = malloc(sizeof(float) * (size_t)windows * (size_t)g->out_c);
+    s->winner_at = malloc(sizeof(int32_t) * (size_t)windows * (size_t)g->out_c);
+    s->by_position = malloc(sizeof *s->by_position * (size_t)windows);
     s->windows = malloc(sizeof(uint64_t) * (size_t)((windows + 63) / 64 * g->out_c));
     s->corner = malloc(sizeof(int32_t) * (size_t)windows);
-    if (!(s->image && s->grad_image && s->gradient && s->windows && s->corner)) return -2;
+    if (!(s->image && s->grad_image && s->gradient && s->winner_at && s->by_position &&
+          s->windows && s->corner))
+        return -2;
     for (int i = 0; i < g->pool_h; i++)
         for (int j = 0; j < g->pool_w; j++)
             s->corner[i * g->pool_w + j] = (2 * i * g->in_w + 2 * j) * g->in_c;
@@ -1737,6 +1758,8 @@ static void free_winners_scratch(WinnersScratch *s) {
     free(s->image);
     free(s->grad_image);
     free(s->gradient);
+    free(s->winner_at);
+    free(s->by_position);
     free(s->windows);
     free(s->corner);
 }
@@ -1762,7 +1785,14 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
         free(partial);
         return -2;
     }
-    for (int64_t k = 0; k < w_size; k += LANES) store(kernels + k, load_any(w, k, w_is_bf16));
+    /* in float32, by group of kernel rows: a group's rows of all kernels contiguous, where the
+     * rows of kernels `patch` vectors apart shared L1 sets (basic's input gradient 1.2x slower) */
+    const int rows = group_rows(run);
+    float *to = kernels;
+    for (int ky = 0; ky < g->kh; ky += rows)
+        for (int o = 0; o < g->out_c; o++)
+            for (int a = 0; a < min_int(rows, g->kh - ky) * run; a++, to += LANES)
+                store(to, load_any(w, ((int64_t)o * patch + ky * run + a) * LANES, w_is_bf16));
     float *partial_b = partial + chunks * w_size;
     int status = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
