@@ -185,6 +185,33 @@ def test_kernel_matches_the_modules_in_fp32(
         torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize(
+    ("filters", "kernel", "padding", "pool_padding"),
+    [
+        (32, (4, 4), "valid", "valid"),  # basic's
+        (32, (3, 3), "same", "same"),  # dropout's, with a 'same' pool
+        (16, (1, 7), "valid", "same"),  # the longest rows
+        (48, (2, 7), "same", "valid"),
+        (16, (5, 3), "valid", "valid"),
+    ],
+)
+def test_one_channel_weight_gradient_matches_the_modules(
+    kernels, filters, kernel, padding, pool_padding
+):
+    """Grey images' first convs on whole vectors of channels (AVX-512 builds pick each channel's
+    input at its winner by a lane permutation): the same gradients as the modules, with windows
+    the ReLU zeroed, windows that the pool's padding cuts, and a batch that is not a whole number
+    of chunks."""
+    torch.manual_seed(filters)
+    model = block_model((1, 13, 11), filters, kernel, padding, pool_padding, "relu", True)
+    x = torch.randn(37, 1, 13, 11).contiguous(memory_format=torch.channels_last)
+    logits, grads = run(model, x, use_kernel=True)
+    want_logits, want_grads = run(model, x, use_kernel=False)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "basic", "dropout", "fast"])
 def test_kernel_matches_the_modules_under_bf16_autocast(kernels, preset):
     """The kernel convolves in fp32 and rounds once to bf16; autocast's conv rounds its inputs

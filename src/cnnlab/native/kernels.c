@@ -209,10 +209,11 @@ INLINE vi to_bf16(vf value) {
     return select_i(value != value, (bits >> 16) | 0x40, rounded) & 0xffff;
 }
 
-/* A buffer for pad_image (free it); NULL when out of memory. */
+/* A buffer for pad_image (free it), with LANES floats to spare after the image for reads
+ * past its last pixel whose values go unused (window_rows); NULL when out of memory. */
 static float *padded_buffer(const Geometry *g) {
-    return malloc(sizeof(float) * (size_t)padded_rows(g) * (size_t)padded_cols(g) *
-                  (size_t)g->in_c);
+    return malloc(sizeof(float) * ((size_t)padded_rows(g) * (size_t)padded_cols(g) *
+                                       (size_t)g->in_c + LANES));
 }
 
 /* Image xb, zero-padded into buf so that every window position's patch lies inside it:
@@ -748,6 +749,64 @@ INLINE void accumulate_packed(const int kh, const int kw, const int in_c, const 
     }
 }
 
+/* One input channel (grey images' first layers): for each channel, the input at its winner
+ * is picked out of the window's neighbourhood by a lane permutation, so that each tap takes
+ * one FMA per block of channels rather than four against zero-routed gradients. */
+#if defined(__AVX512F__) && LANES == 16
+#define SELECTED_MAX_TAPS 16 /* their sums in registers */
+#define SELECTED_MAX_KW 7    /* a tap's two columns among a row's eight values */
+
+INLINE int selected_fits(const Geometry *g, int kh, int kw, int in_c) {
+    return in_c == 1 && kw <= SELECTED_MAX_KW && kh * kw <= SELECTED_MAX_TAPS &&
+           g->out_c % LANES == 0;
+}
+
+/* Rows r and r + 1 of the padded image, eight values from column c each: in lanes 0-7 and 8-15. */
+INLINE __m512 window_rows(const float *at, int64_t row) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(at)),
+                              _mm256_loadu_ps(at + row), 1);
+}
+
+/* Image b's weight and bias gradients (see weight_grad_shaped), block by block of channels. */
+INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, const float *buf,
+                                 int64_t row, const void *grad, int grad_is_bf16,
+                                 const uint8_t *argmax, int64_t first, float *grad_w,
+                                 float *grad_b) {
+    const int out_c = g->out_c;
+    for (int c = 0; c < out_c; c += LANES) {
+        vf sums[SELECTED_MAX_TAPS], bias_sum = {0};
+        for (int t = 0; t < kh * kw; t++) sums[t] = (vf){0};
+        for (int i = 0; i < g->pool_h; i++)
+            for (int j = 0; j < g->pool_w; j++) {
+                const int64_t at = first + ((int64_t)i * g->out_cols + j) * out_c + c;
+                const vi code = load_bytes(argmax + at);
+                /* position p: (p & 1) columns right, (p >> 1) rows down, lane + 8 */
+                const __m512i pick = (__m512i)((code & 1) + (code >> 1 & 1) * 8);
+                const vf gradient = pick_f(lanes_equal(code, NO_GRADIENT), (vf){0},
+                                           load_any(grad, at, grad_is_bf16));
+                bias_sum += gradient;
+                const float *corner = buf + 2 * i * row + 2 * j;
+                for (int ky = 0; ky < kh; ky++) {
+                    const __m512 rows = window_rows(corner + ky * row, row);
+                    for (int kx = 0; kx < kw; kx++) {
+                        const __m512i lane = _mm512_add_epi32(pick, _mm512_set1_epi32(kx));
+                        sums[ky * kw + kx] += gradient * (vf)_mm512_permutexvar_ps(lane, rows);
+                    }
+                }
+            }
+        const int out_c_pad = padded(out_c);
+        for (int t = 0; t < kh * kw; t++)
+            store(grad_w + t * out_c_pad + c, load(grad_w + t * out_c_pad + c) + sums[t]);
+        if (grad_b) store(grad_b + c, load(grad_b + c) + bias_sum);
+    }
+}
+#else
+INLINE int selected_fits(const Geometry *g, int kh, int kw, int in_c) {
+    (void)g, (void)kh, (void)kw, (void)in_c;
+    return 0;
+}
+#endif
+
 /* Images [b0, b1), accumulated into grad_w and grad_b (NULL: no bias); see forward_shaped. */
 INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
                               const float *x, const void *grad, int grad_is_bf16,
@@ -764,6 +823,13 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
     if (!buf) return -2;
     for (int64_t b = b0; b < b1; b++) {
         const int64_t row = pad_image(g, x + b * image, buf);
+#if defined(__AVX512F__) && LANES == 16
+        if (!packed && selected_fits(g, kh, kw, in_c)) {
+            weight_grad_selected(g, kh, kw, buf, row, grad, grad_is_bf16, argmax, b * pooled,
+                                 grad_w, grad_b);
+            continue;
+        }
+#endif
         for (int i = 0; i < g->pool_h; i++) {
             for (int j = 0; j < g->pool_w; j += 2) {
                 const int count = j + 1 < g->pool_w ? 2 : 1;
