@@ -548,9 +548,47 @@ def _winners_backward(
     return grad_x, grad_w, grad_b
 
 
+def _conv_pool_act_dropout_bf16(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: native.ConvPoolGeometry,
+    relu: bool,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 conv-pool kernel on x (bf16, channels_last, padded as the conv needs), then the
+    ReLU and the dropout in place (act_dropout_forward: the mask `_run_pool_dropout` draws for
+    the same generator state): the output and its codes."""
+    lib = native.library()
+    assert lib is not None
+    batch = x.shape[0]
+    pooled = torch.empty(
+        (batch, g.out_c, g.pool_h, g.pool_w),
+        dtype=torch.bfloat16,
+        memory_format=torch.channels_last,
+    )
+    code = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
+    w32 = weight.detach().contiguous()  # kept alive until the kernel has read it
+    b32 = bias.detach().contiguous() if bias is not None else None
+    threads = torch.get_num_threads()
+    inputs = (_pointer(x), _pointer(w32), _pointer(b32), batch)
+    _check(
+        lib.conv_pool_forward_bf16(
+            ctypes.byref(g), *inputs, _pointer(pooled), _pointer(code), threads
+        )
+    )
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+    n = pooled.numel()
+    _check(
+        lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
+    )
+    return pooled, code
+
+
 class _ConvPoolDropout(torch.autograd.Function):
-    """oneDNN's conv, then the C pool, ReLU and dropout (pool_dropout_forward); in the backward
-    pass the conv's input, weight and bias gradients in C from the pool's winners alone
+    """The conv and pool (under bf16 autocast in one C kernel of bf16 dot products where
+    `bf16_conv_pool_fits`, else oneDNN's conv and the C pool), the ReLU and the dropout; in the
+    backward pass the conv's input, weight and bias gradients in C from the pool's winners alone
     (winners_backward in kernels.c)."""
 
     @staticmethod
@@ -566,13 +604,18 @@ class _ConvPoolDropout(torch.autograd.Function):
         dtype = torch.bfloat16 if _bf16_autocast() else x.dtype
         x_in = x.to(dtype).contiguous(memory_format=torch.channels_last)
         w = weight.to(dtype)
-        with torch.autocast("cpu", enabled=False):
-            y = torch.nn.functional.conv2d(x_in, w, bias.to(dtype) if bias is not None else None)
-        y = y.contiguous(memory_format=torch.channels_last)
         relu = pool.deferred_act is not None
-        pooled, code, _ = _run_pool_dropout(y, *_pooled_size(pool, y), relu, p)
+        g = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
+        if dtype == torch.bfloat16 and bf16_conv_pool_fits(conv):
+            pooled, code = _conv_pool_act_dropout_bf16(x_in, weight, bias, g, relu, p)
+        else:
+            with torch.autocast("cpu", enabled=False):
+                b = bias.to(dtype) if bias is not None else None
+                y = torch.nn.functional.conv2d(x_in, w, b)
+            y = y.contiguous(memory_format=torch.channels_last)
+            pooled, code, _ = _run_pool_dropout(y, *_pooled_size(pool, y), relu, p)
         ctx.save_for_backward(x_in, w, code)
-        ctx.winners_geometry = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
+        ctx.winners_geometry = g
         ctx.p, ctx.has_bias, ctx.x_dtype = p, bias is not None, x.dtype
         return pooled
 

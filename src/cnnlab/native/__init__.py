@@ -160,6 +160,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pool_dropout_forward.argtypes = [pointer, i32, i64, i32, i32, i32, i32, i32, i32]
     lib.pool_dropout_forward.argtypes += [ctypes.c_float, ctypes.c_uint64, pointer, pointer, i32]
     lib.pool_dropout_forward.restype = ctypes.c_int
+    # (y, is_bf16, code, n, relu, p, seed, threads)
+    lib.act_dropout_forward.argtypes = [pointer, i32, pointer, i64, i32, ctypes.c_float]
+    lib.act_dropout_forward.argtypes += [ctypes.c_uint64, i32]
+    lib.act_dropout_forward.restype = ctypes.c_int
     # (grad_y, is_bf16, code, batch, h, w, c, pool_h, pool_w, p, grad_x, threads)
     lib.pool_dropout_backward.argtypes = [pointer, i32, pointer, i64, i32, i32, i32, i32, i32]
     lib.pool_dropout_backward.argtypes += [ctypes.c_float, pointer, i32]

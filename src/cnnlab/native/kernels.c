@@ -1496,6 +1496,21 @@ int dropout(const void *x, void *y, int32_t is_bf16, int64_t n, float p, uint64_
  * Channels must be a multiple of LANES (each vector of the mask then lies in one window).
  */
 
+/* A vector of pooled values (best) and their window positions (arg) after the ReLU (relu = 1)
+ * and the dropout whose 16-bit random numbers these are: stored into y and code at `at`. */
+INLINE void act_dropout_store(vf best, vi arg, vu number, int relu, uint32_t drop_below,
+                              float scale, void *y, int is_bf16, uint8_t *code, int64_t at) {
+    const vi kept = (vi)(number >= drop_below);
+    arg = select_i(kept, arg, arg + DROPPED);
+    if (relu) { /* as torch.relu and its gradient: NaN stays NaN and keeps its gradient */
+        const lanes_mask dead = not_positive(best);
+        best = pick_f(dead, (vf){0}, best);
+        arg = pick_i(dead, (vi){0} + NO_GRADIENT, arg);
+    }
+    store_rounded(y, at, is_bf16, best * select_f(kept, (vf){0} + scale, (vf){0}));
+    store_bytes(code + at, arg);
+}
+
 static void pool_dropout_blocks(const void *x, int is_bf16, int h, int w, int c, int pool_h,
                                 int pool_w, int relu, int64_t n, int64_t first, int64_t last,
                                 uint32_t drop_below, float scale, uint64_t seed, void *y,
@@ -1520,15 +1535,7 @@ static void pool_dropout_blocks(const void *x, int is_bf16, int h, int w, int c,
             vi arg;
             window_max(x, is_bf16, from, valid, c0, &best, &arg);
             const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
-            const vi kept = (vi)(number >= drop_below);
-            arg = select_i(kept, arg, arg + DROPPED);
-            if (relu) { /* as torch.relu and its gradient: NaN stays NaN and keeps its gradient */
-                const lanes_mask dead = not_positive(best);
-                best = pick_f(dead, (vf){0}, best);
-                arg = pick_i(dead, (vi){0} + NO_GRADIENT, arg);
-            }
-            store_rounded(y, at, is_bf16, best * select_f(kept, (vf){0} + scale, (vf){0}));
-            store_bytes(code + at, arg);
+            act_dropout_store(best, arg, number, relu, drop_below, scale, y, is_bf16, code, at);
         }
     }
 }
@@ -1546,6 +1553,33 @@ int pool_dropout_forward(const void *x, int32_t is_bf16, int64_t batch, int32_t 
         share(blocks, &first, &last);
         pool_dropout_blocks(x, is_bf16, h, w, c, pool_h, pool_w, relu, n, first, last,
                             drop_below, scale, seed, y, code);
+    }
+    return 0;
+}
+
+/* The ReLU (relu = 1) and the dropout of pool_dropout_forward on a pool that already ran (a
+ * conv-pool kernel's): y, n pooled values, and code, their window positions (0-3), are
+ * overwritten with what pool_dropout_forward gives for the same pool and seed. */
+int act_dropout_forward(void *y, int32_t is_bf16, uint8_t *code, int64_t n, int32_t relu,
+                        float p, uint64_t seed, int32_t threads) {
+    if (!(p >= 0.0f && p < 1.0f) || n % LANES) return 1;
+    const uint32_t drop_below = drop_threshold(p);
+    const float scale = keep_scale(drop_below);
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    vu lanes;
+    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && blocks > 1) schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        const uint64_t counter = (uint64_t)block * LANES;
+        vu words[4];
+        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        for (int part = 0; part < 8; part++) {
+            const int64_t at = block * BLOCK + part * LANES;
+            if (at >= n) break;
+            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
+            act_dropout_store(load_any(y, at, is_bf16), load_bytes(code + at), number, relu,
+                              drop_below, scale, y, is_bf16, code, at);
+        }
     }
     return 0;
 }
