@@ -399,6 +399,12 @@ def pool_dropout_fits(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor
     )
 
 
+def _dropout_seed() -> int:
+    """One draw from PyTorch's generator seeding a C dropout call's mask, as `_Dropout` draws it,
+    so that `torch.manual_seed` and checkpoints govern the mask."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
 def _run_pool_dropout(
     x: torch.Tensor, pool_h: int, pool_w: int, relu: bool, p: float
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -406,7 +412,7 @@ def _run_pool_dropout(
     lib = native.library()
     assert lib is not None
     y, code, shape = _pool_outputs(x, pool_h, pool_w)
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+    seed = _dropout_seed()
     is_bf16 = int(x.dtype == torch.bfloat16)
     outputs = (_pointer(y), _pointer(code), torch.get_num_threads())
     _check(lib.pool_dropout_forward(_pointer(x), is_bf16, *shape, int(relu), p, seed, *outputs))
@@ -577,7 +583,7 @@ def _conv_pool_act_dropout_bf16(
             ctypes.byref(g), *inputs, _pointer(pooled), _pointer(code), threads
         )
     )
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # as _Dropout draws it
+    seed = _dropout_seed()
     n = pooled.numel()
     _check(
         lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
@@ -880,9 +886,7 @@ def _apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        # One draw from PyTorch's generator per call: torch.manual_seed and the RNG state in
-        # checkpoints govern these masks as they govern everything else.
-        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        seed = _dropout_seed()
         ctx.p, ctx.seed = p, seed
         ctx.dtype, ctx.memory_format = x.dtype, _memory_format(x)
         return _apply_dropout(x, p, seed)

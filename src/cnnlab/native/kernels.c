@@ -772,7 +772,7 @@ INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, 
                                  int64_t row, const void *grad, int grad_is_bf16,
                                  const uint8_t *argmax, int64_t first, float *grad_w,
                                  float *grad_b) {
-    const int out_c = g->out_c;
+    const int out_c = g->out_c; /* whole vectors: no padding in grad_w */
     for (int c = 0; c < out_c; c += LANES) {
         vf sums[SELECTED_MAX_TAPS], bias_sum = {0};
         for (int t = 0; t < kh * kw; t++) sums[t] = (vf){0};
@@ -794,16 +794,10 @@ INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, 
                     }
                 }
             }
-        const int out_c_pad = padded(out_c);
         for (int t = 0; t < kh * kw; t++)
-            store(grad_w + t * out_c_pad + c, load(grad_w + t * out_c_pad + c) + sums[t]);
+            store(grad_w + t * out_c + c, load(grad_w + t * out_c + c) + sums[t]);
         if (grad_b) store(grad_b + c, load(grad_b + c) + bias_sum);
     }
-}
-#else
-INLINE int selected_fits(const Geometry *g, int kh, int kw, int in_c) {
-    (void)g, (void)kh, (void)kw, (void)in_c;
-    return 0;
 }
 #endif
 
@@ -1425,6 +1419,18 @@ INLINE void philox(vu counter, uint32_t counter_hi, uint64_t seed, vu out[4]) {
     out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
 }
 
+/* The 16-bit random numbers of block `block` (BLOCK elements): numbers[part], lane k, is
+ * element block * BLOCK + part * LANES + k's. */
+INLINE void block_numbers(int64_t block, uint64_t seed, vu numbers[8]) {
+    vu lanes;
+    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
+    const uint64_t counter = (uint64_t)block * LANES;
+    vu words[4];
+    philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+    for (int part = 0; part < 8; part++)
+        numbers[part] = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
+}
+
 /* Stores v rounded to nearest even in bfloat16. */
 INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
     if (is_bf16)
@@ -1443,15 +1449,11 @@ INLINE float keep_scale(uint32_t drop_below) {
 
 static void dropout_blocks(const void *x, void *y, int is_bf16, int64_t n, int64_t first,
                            int64_t last, uint32_t drop_below, float scale, uint64_t seed) {
-    vu lanes;
-    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
     for (int64_t block = first; block < last; block++) {
-        const uint64_t counter = (uint64_t)block * LANES;
-        vu words[4];
-        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        vu numbers[8];
+        block_numbers(block, seed, numbers);
         for (int part = 0; part < 8; part++) {
-            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
-            const vf factor = select_f((vi)(number >= drop_below), (vf){0} + scale, (vf){0});
+            const vf factor = select_f((vi)(numbers[part] >= drop_below), (vf){0} + scale, (vf){0});
             const int64_t at = block * BLOCK + part * LANES;
             if (at + LANES <= n) {
                 store_rounded(y, at, is_bf16, load_any(x, at, is_bf16) * factor);
@@ -1515,13 +1517,10 @@ static void pool_dropout_blocks(const void *x, int is_bf16, int h, int w, int c,
                                 int pool_w, int relu, int64_t n, int64_t first, int64_t last,
                                 uint32_t drop_below, float scale, uint64_t seed, void *y,
                                 uint8_t *code) {
-    vu lanes;
-    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
     const int64_t windows_per_image = (int64_t)pool_h * pool_w;
     for (int64_t block = first; block < last; block++) {
-        const uint64_t counter = (uint64_t)block * LANES;
-        vu words[4];
-        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        vu numbers[8];
+        block_numbers(block, seed, numbers);
         for (int part = 0; part < 8; part++) {
             const int64_t at = block * BLOCK + part * LANES;
             if (at >= n) break;
@@ -1534,8 +1533,8 @@ static void pool_dropout_blocks(const void *x, int is_bf16, int h, int w, int c,
             vf best;
             vi arg;
             window_max(x, is_bf16, from, valid, c0, &best, &arg);
-            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
-            act_dropout_store(best, arg, number, relu, drop_below, scale, y, is_bf16, code, at);
+            act_dropout_store(best, arg, numbers[part], relu, drop_below, scale, y, is_bf16, code,
+                              at);
         }
     }
 }
@@ -1566,19 +1565,15 @@ int act_dropout_forward(void *y, int32_t is_bf16, uint8_t *code, int64_t n, int3
     const uint32_t drop_below = drop_threshold(p);
     const float scale = keep_scale(drop_below);
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    vu lanes;
-    for (int k = 0; k < LANES; k++) lanes[k] = (uint32_t)k;
 #pragma omp parallel for num_threads(threads) if (threads > 1 && blocks > 1) schedule(static)
     for (int64_t block = 0; block < blocks; block++) {
-        const uint64_t counter = (uint64_t)block * LANES;
-        vu words[4];
-        philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
+        vu numbers[8];
+        block_numbers(block, seed, numbers);
         for (int part = 0; part < 8; part++) {
             const int64_t at = block * BLOCK + part * LANES;
             if (at >= n) break;
-            const vu number = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
-            act_dropout_store(load_any(y, at, is_bf16), load_bytes(code + at), number, relu,
-                              drop_below, scale, y, is_bf16, code, at);
+            act_dropout_store(load_any(y, at, is_bf16), load_bytes(code + at), numbers[part],
+                              relu, drop_below, scale, y, is_bf16, code, at);
         }
     }
     return 0;
