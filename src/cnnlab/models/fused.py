@@ -554,17 +554,11 @@ def _winners_backward(
     return grad_x, grad_w, grad_b
 
 
-def _conv_pool_act_dropout_bf16(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    g: native.ConvPoolGeometry,
-    relu: bool,
-    p: float,
+def _conv_pool_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: native.ConvPoolGeometry
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bf16 conv-pool kernel on x (bf16, channels_last, padded as the conv needs), then the
-    ReLU and the dropout in place (act_dropout_forward: the mask `_run_pool_dropout` draws for
-    the same generator state): the output and its codes."""
+    """The bf16 conv-pool kernel on x (bf16, channels_last, padded as the conv needs): the pooled
+    output and its window positions."""
     lib = native.library()
     assert lib is not None
     batch = x.shape[0]
@@ -576,15 +570,27 @@ def _conv_pool_act_dropout_bf16(
     code = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
     w32 = weight.detach().contiguous()  # kept alive until the kernel has read it
     b32 = bias.detach().contiguous() if bias is not None else None
-    threads = torch.get_num_threads()
     inputs = (_pointer(x), _pointer(w32), _pointer(b32), batch)
-    _check(
-        lib.conv_pool_forward_bf16(
-            ctypes.byref(g), *inputs, _pointer(pooled), _pointer(code), threads
-        )
-    )
+    outputs = (_pointer(pooled), _pointer(code), torch.get_num_threads())
+    _check(lib.conv_pool_forward_bf16(ctypes.byref(g), *inputs, *outputs))
+    return pooled, code
+
+
+def _conv_pool_act_dropout_bf16(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: native.ConvPoolGeometry,
+    relu: bool,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_conv_pool_bf16`, then the ReLU and the dropout in place (act_dropout_forward: the mask
+    `_run_pool_dropout` draws for the same generator state): the output and its codes."""
+    lib = native.library()
+    assert lib is not None
+    pooled, code = _conv_pool_bf16(x, weight, bias, g)
     seed = _dropout_seed()
-    n = pooled.numel()
+    n, threads = pooled.numel(), torch.get_num_threads()
     _check(
         lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
     )
@@ -734,20 +740,16 @@ class _ConvThenPool(torch.autograd.Function):
         top, left = (int(p) for p in conv.padding)  # type: ignore[union-attr]
         g = _block_geometry(conv, pool, padded.shape, (top, left), (2 * top, 2 * left))
         batch = padded.shape[0]
-        pooled = torch.empty(
-            (batch, g.out_c, g.pool_h, g.pool_w), dtype=dtype, memory_format=torch.channels_last
-        )
-        argmax = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
         is_bf16 = int(dtype == torch.bfloat16)
         shape = (batch, g.conv_h, g.conv_w, g.out_c, g.pool_h, g.pool_w)
-        threads = torch.get_num_threads()
         if is_bf16 and bf16_conv_pool_fits(conv):
-            w32 = weight.detach().contiguous()  # kept alive until the kernel has read it
-            b = bias.detach().contiguous() if bias is not None else None
-            inputs = (_pointer(padded), _pointer(w32), _pointer(b))
-            outputs = (batch, _pointer(pooled), _pointer(argmax), threads)
-            _check(lib.conv_pool_forward_bf16(ctypes.byref(g), *inputs, *outputs))
+            pooled, argmax = _conv_pool_bf16(padded, weight, bias, g)
         else:
+            pooled = torch.empty(
+                (batch, g.out_c, g.pool_h, g.pool_w), dtype=dtype, memory_format=torch.channels_last
+            )
+            argmax = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
+            threads = torch.get_num_threads()
             b = bias.to(dtype) if bias is not None else None
             with torch.autocast("cpu", enabled=False):
                 y = torch.nn.functional.conv2d(padded, w, b, padding=conv.padding)
