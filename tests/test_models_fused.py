@@ -935,7 +935,7 @@ def assert_close_grads(ours, theirs, rtol: float) -> None:
     in_c=st.sampled_from([8, 16, 32]) | st.integers(1, 40),
     height=st.integers(2, 12),
     width=st.integers(2, 12),
-    filters=st.integers(1, 20),
+    filters=st.sampled_from([16, 32]) | st.integers(1, 20),  # 16 and 32: winners_backward
     kh=st.integers(1, 4),
     kw=st.integers(1, 4),
     padding=st.sampled_from(["valid", "same"]),
@@ -1122,7 +1122,7 @@ def run_conv_pool_dropout(
 
 @property_settings
 @given(
-    in_c=st.sampled_from([16, 32, 48]),
+    in_c=st.sampled_from([8, 16, 32, 48]) | st.integers(1, 40),
     filters=st.sampled_from([16, 32, 64]),
     height=st.integers(2, 11),
     width=st.integers(2, 11),
@@ -1170,6 +1170,39 @@ def test_conv_pool_dropout_gradients_match_the_layers_in_fp32(
     assert torch.equal(logits, ref_logits)
     assert_close_grads(grads, ref_grads, rtol=1e-5)
     assert torch.allclose(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_winners_gradients_on_rows_of_part_vectors_keep_inf_in_the_patch(kernels, bf16):
+    """`tiny`'s second conv (8 input channels: kernel rows of 24 values, read as two vectors):
+    the same gradients as the modules', and an infinite pooled gradient reaches the input
+    gradient under its winner's patch only (the 8 lanes past each row would add inf x 0 = NaN
+    to the next pixel if they were not masked off)."""
+    torch.manual_seed(0)
+    model = block_model((8, 13, 13), 16, (3, 3), "valid", "valid", None, True).train()
+    conv, pool = model.layers[0], model.layers[1]
+    assert fused.winners_fit(conv, pool)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(3, 8, 13, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 16, 5, 5)
+    grad[1, 4, 2, 3], grad[2, 0, 4, 4] = float("inf"), float("-inf")
+    grad = grad.to(dtype).contiguous(memory_format=torch.channels_last)
+    results = []
+    for use_kernel in (True, False):
+        leaf = x.clone().requires_grad_()
+        conv.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            y = fused.conv_then_pool(conv, pool, leaf) if use_kernel else pool(conv(leaf))
+        y.backward(grad.to(y.dtype))
+        results.append((leaf.grad.float(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+    (ours_x, ours_w, ours_b), (ref_x, ref_w, ref_b) = results
+    assert ours_x.isinf().any() and not ours_x[0].isinf().any()
+    assert torch.equal(ours_x.isnan(), ref_x.isnan()) and torch.equal(ours_x.isinf(), ref_x.isinf())
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-5}
+    finite = ref_x.isfinite()
+    torch.testing.assert_close(ours_x[finite], ref_x[finite], **tolerance)
+    torch.testing.assert_close(ours_w, ref_w, equal_nan=True, **tolerance)
+    torch.testing.assert_close(ours_b, ref_b, equal_nan=True, **tolerance)
 
 
 @pytest.mark.parametrize("channels_last_weights", [False, True])
@@ -1273,7 +1306,10 @@ def test_conv_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):
         return fused.conv_pool_dropout_fits(layers_[0], layers_[1], layers_[2], inputs)
 
     assert fits((16, 9, 9), 16, (3, 3))
-    assert not fits((24, 9, 9), 16, (3, 3))  # input channels not a multiple of 16
+    assert fits((24, 9, 9), 16, (3, 3))  # rows of 3 x 24 values, read as 5 whole vectors
+    assert fits((3, 9, 9), 16, (5, 5))  # rows of 15 values in one vector
+    assert fits((85, 9, 9), 16, (3, 3))  # rows of 255 values: 16 vectors
+    assert not fits((86, 9, 9), 16, (3, 3))  # rows of 258 values: 17 vectors
     assert not fits((16, 9, 9), 24, (3, 3))  # output channels not a multiple of 16
     assert not fits((16, 9, 9), 272, (3, 3))  # more output channels than the kernel holds
     assert fits((32, 9, 9), 16, (3, 3))  # 3 x 3 x 32 values: in groups of rows

@@ -512,12 +512,11 @@ def conv_pool_dropout_fits(
 
 def winners_fit(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
     """Whether the C kernel that computes a conv's gradients from its 2x2 pool's winners
-    (winners_backward in kernels.c) takes this conv and pool: in and out channels whole multiples
-    of 16, at most 256 out, kernel rows of at most 256 values, no padding left to the conv itself
-    (its input comes padded), and a 'valid' pool."""
+    (winners_backward in kernels.c) takes this conv and pool: out channels a whole multiple of
+    16, at most 256, kernel rows (kw x in channels) of at most 256 values, no padding left to the
+    conv itself (its input comes padded), and a 'valid' pool."""
     return (
-        conv.in_channels % native.LANES == 0
-        and conv.out_channels % native.LANES == 0
+        conv.out_channels % native.LANES == 0
         and conv.out_channels <= native.MAX_WINNERS_CHANNELS
         and isinstance(conv.padding, tuple)
         and all(int(p) == 0 for p in conv.padding)
@@ -529,7 +528,8 @@ def winners_fit(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
 @functools.lru_cache(maxsize=64)
 def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
     lib = native.library()
-    return lib is not None and bool(lib.winners_shape_supported(kh, kw * in_c // native.LANES))
+    run = _padded(kw * in_c) // native.LANES
+    return lib is not None and bool(lib.winners_shape_supported(kh, run))
 
 
 def _winners_backward(

@@ -935,6 +935,18 @@ INLINE int run_length(const Geometry *g) {
     return (g->kw * g->in_c + LANES - 1) / LANES * LANES;
 }
 
+/* The first `used` lanes (1 to LANES). */
+INLINE lanes_mask first_lanes(int used) {
+    vi lane;
+    for (int k = 0; k < LANES; k++) lane[k] = k < used ? 1 : 0;
+    return lanes_equal(lane, 1);
+}
+
+/* The lanes of a kernel row's last vector (of run_length) that hold its values. */
+INLINE lanes_mask run_tail_mask(const Geometry *g) {
+    return first_lanes(g->kw * g->in_c - (run_length(g) - LANES));
+}
+
 /* pad_image for float32 or bfloat16 images, with `tail` zeros after the last row. */
 static int64_t pad_image_any(const Geometry *g, const void *x, int is_bf16, int64_t b, float *buf,
                              int tail) {
@@ -1099,10 +1111,7 @@ INLINE int wide_run(const Geometry *g) {
 
 /* The last vector's lanes of a window-patch row that hold values. */
 INLINE lanes_mask wide_tail_mask(const Geometry *g) {
-    const int used = (g->kw + 1) * g->in_c - (wide_run(g) - LANES);
-    vi lane;
-    for (int k = 0; k < LANES; k++) lane[k] = k < used ? 1 : 0;
-    return lanes_equal(lane, 1);
+    return first_lanes((g->kw + 1) * g->in_c - (wide_run(g) - LANES));
 }
 
 /* Each channel's kernel at the four window positions inside the window patch. */
@@ -1439,6 +1448,25 @@ INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
         store((float *)p + at, v);
 }
 
+/* n values of x (float32 or bfloat16) from x[at] on, into float32 `to`. */
+INLINE void widen(const void *x, int64_t at, int is_bf16, float *to, int64_t n) {
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) store(to + k, load_any(x, at + k, is_bf16));
+    for (; k < n; k++) to[k] = load_one(x, at + k, is_bf16);
+}
+
+/* n float32 values of `from` into p[at] on, rounded to nearest even where p is bfloat16. */
+INLINE void narrow(const float *from, int64_t n, void *p, int64_t at, int is_bf16) {
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) store_rounded(p, at + k, is_bf16, load(from + k));
+    for (; k < n; k++) {
+        if (is_bf16)
+            ((uint16_t *)p)[at + k] = (uint16_t)to_bf16((vf){0} + from[k])[0];
+        else
+            ((float *)p)[at + k] = from[k];
+    }
+}
+
 /* A 16-bit random number below this drops its element: p * 65536, rounded. */
 INLINE uint32_t drop_threshold(float p) { return (uint32_t)((double)p * 65536.0 + 0.5); }
 
@@ -1624,8 +1652,11 @@ int pool_dropout_backward(const void *grad_y, int32_t is_bf16, const uint8_t *co
  *   (scaled by the keep rate of p and rounded as dropout_gradient does) and its codes; with
  *   p = 0, of a pool alone (max_pool_forward's or a conv-pool kernel's window positions)
  * grad_x as x, or NULL; grad_w float32, laid out as w; grad_b float32 [out_c], or NULL
- * in_c and out_c are whole vectors, out_c at most MAX_BLOCKS of them; kw * in_c at most
- * MAX_RUN_VECTORS vectors. */
+ * out_c is whole vectors, at most MAX_BLOCKS of them; a kernel row (kw * in_c values) at most
+ * MAX_RUN_VECTORS vectors. Where in_c is not whole vectors (`tiny`'s 8 channels), the rows are
+ * read and summed in whole vectors all the same: the kernels are copied with zeros after each
+ * row, the lanes past a row's end go unused in the weight gradient's sums, and a mask keeps
+ * them out of the input gradient's. */
 
 #define MAX_GROUP_VECTORS 16 /* sums held in registers */
 #define MAX_BLOCKS 16
@@ -1663,7 +1694,7 @@ INLINE void set_window_bits(uint64_t *words, uint32_t live, uint64_t bit) {
  * floats apart, run vectors each). */
 INLINE void add_kernels(const float *restrict w, int stride, const float *restrict gradient,
                         const uint64_t *words, int count, float *restrict to, int64_t row,
-                        const int rows, const int run) {
+                        lanes_mask tail, const int rows, const int run) {
     vf acc[MAX_GROUP_VECTORS];
     for (int a = 0; a < rows * run; a++) acc[a] = (vf){0};
     uint64_t any = 0;
@@ -1677,11 +1708,15 @@ INLINE void add_kernels(const float *restrict w, int stride, const float *restri
         }
     }
     if (!any) return;
-    for (int ky = 0; ky < rows; ky++)
-        for (int v = 0; v < run; v++) {
+    for (int ky = 0; ky < rows; ky++) {
+        for (int v = 0; v < run - 1; v++) {
             float *at = to + ky * row + v * LANES;
             store(at, load(at) + acc[ky * run + v]);
         }
+        float *at = to + ky * row + (run - 1) * LANES; /* the row's last vector: its taps only */
+        const vf old = load(at);
+        store(at, pick_f(tail, old + acc[ky * run + run - 1], old));
+    }
 }
 
 /* `rows` rows of channel o's kernel gradient (rows * run vectors at dw) plus, for each window
@@ -1731,11 +1766,13 @@ int winners_shape_supported(int32_t kh, int32_t run) {
 }
 
 static void add_kernels_any(const float *w, int stride, const float *gradient,
-                            const uint64_t *words, int count, float *to, int64_t row, int rows,
-                            int run) {
+                            const uint64_t *words, int count, float *to, int64_t row,
+                            lanes_mask tail, int rows, int run) {
     switch (SHAPE_KEY(rows, run)) {
 #define CASE(a, b)                                                                            \
-    case SHAPE_KEY(a, b): add_kernels(w, stride, gradient, words, count, to, row, a, b); break;
+    case SHAPE_KEY(a, b):                                                                     \
+        add_kernels(w, stride, gradient, words, count, to, row, tail, a, b);                  \
+        break;
         GROUP_SHAPES(CASE)
 #undef CASE
     }
@@ -1772,13 +1809,13 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
                           int64_t b, void *grad_x, float *dw, float *db,
                           const WinnersScratch *s) {
     const int in_c = g->in_c, out_c = g->out_c, blocks = out_c / LANES, words = (blocks + 3) / 4;
-    const int run = g->kw * in_c / LANES, patch = g->kh * run, windows = g->pool_h * g->pool_w;
+    const int run = run_length(g) / LANES, patch = g->kh * run, windows = g->pool_h * g->pool_w;
     const int window_words = (windows + 63) / 64, rows = group_rows(run);
     const int64_t row = (int64_t)g->in_w * in_c, pixels = (int64_t)g->in_h * row;
     const int32_t position[4] = {0, in_c, (int32_t)row, (int32_t)row + in_c};
     const uint8_t *image_code = code + b * windows * out_c;
-    for (int64_t k = 0; k < pixels; k += LANES)
-        store(s->image + k, load_any(x, b * pixels + k, is_bf16));
+    const lanes_mask tail = run_tail_mask(g);
+    widen(x, b * pixels, is_bf16, s->image, pixels);
     memset(s->windows, 0, sizeof(uint64_t) * (size_t)(window_words * out_c));
     if (grad_x) memset(s->grad_image, 0, sizeof(float) * (size_t)pixels);
     for (int window = 0; window < windows; window++) {
@@ -1813,7 +1850,7 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
                     float *to = s->grad_image + s->corner[window] + position[p] + ky * row;
                     add_kernels_any(w + (int64_t)out_c * ky * run * LANES,
                                     min_int(rows, g->kh - ky) * run, s->gradient + window * out_c,
-                                    s->by_position[window][p], words, to, row,
+                                    s->by_position[window][p], words, to, row, tail,
                                     min_int(rows, g->kh - ky), run);
                 }
     for (int o = 0; o < out_c; o++)
@@ -1824,15 +1861,15 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
                 min_int(rows, g->kh - ky), run);
             if (db && ky == 0) db[o] += sum;
         }
-    if (grad_x)
-        for (int64_t k = 0; k < pixels; k += LANES)
-            store_rounded(grad_x, b * pixels + k, is_bf16, load(s->grad_image + k));
+    if (grad_x) narrow(s->grad_image, pixels, grad_x, b * pixels, is_bf16);
 }
 
 static int winners_scratch(const Geometry *g, WinnersScratch *s) {
     const int64_t pixels = (int64_t)g->in_h * g->in_w * g->in_c;
     const int windows = g->pool_h * g->pool_w;
-    const size_t image_bytes = (size_t)(pixels * 4 + 63) / 64 * 64;
+    /* LANES floats to spare: a patch's last kernel row is read, and its input gradient
+     * added, in whole vectors, which can run up to LANES - 1 values past the image */
+    const size_t image_bytes = (size_t)((pixels + LANES) * 4 + 63) / 64 * 64;
     s->image = aligned_alloc(64, image_bytes);
     s->grad_image = aligned_alloc(64, image_bytes);
     s->gradient = malloc(sizeof(float) * (size_t)windows * (size_t)g->out_c);
@@ -1843,6 +1880,8 @@ static int winners_scratch(const Geometry *g, WinnersScratch *s) {
     if (!(s->image && s->grad_image && s->gradient && s->winner_at && s->by_position &&
           s->windows && s->corner))
         return -2;
+    memset(s->image + pixels, 0, sizeof(float) * LANES);
+    memset(s->grad_image + pixels, 0, sizeof(float) * LANES);
     for (int i = 0; i < g->pool_h; i++)
         for (int j = 0; j < g->pool_w; j++)
             s->corner[i * g->pool_w + j] = (2 * i * g->in_w + 2 * j) * g->in_c;
@@ -1864,8 +1903,8 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
                      const uint8_t *code, float p, int64_t batch, int64_t chunk,
                      void *grad_x, float *grad_w, float *grad_b, int32_t threads) {
     (void)threads; /* unused without OpenMP */
-    const int run = g->kw * g->in_c / LANES, patch = g->kh * run;
-    if (g->in_c % LANES || g->out_c % LANES || g->out_c > MAX_BLOCKS * LANES ||
+    const int taps = g->kw * g->in_c, run = run_length(g) / LANES, patch = g->kh * run;
+    if (g->out_c % LANES || g->out_c > MAX_BLOCKS * LANES ||
         !winners_shape_supported(g->kh, run) ||
         g->conv_h < 2 * g->pool_h || g->conv_w < 2 * g->pool_w || chunk < 1 ||
         !(p >= 0.0f && p < 1.0f))
@@ -1881,13 +1920,16 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
         return -2;
     }
     /* in float32, by group of kernel rows: a group's rows of all kernels contiguous, where the
-     * rows of kernels `patch` vectors apart shared L1 sets (basic's input gradient 1.2x slower) */
+     * rows of kernels `patch` vectors apart shared L1 sets (basic's input gradient 1.2x slower);
+     * each row padded with zeros to whole vectors */
     const int rows = group_rows(run);
     float *to = kernels;
     for (int ky = 0; ky < g->kh; ky += rows)
         for (int o = 0; o < g->out_c; o++)
-            for (int a = 0; a < min_int(rows, g->kh - ky) * run; a++, to += LANES)
-                store(to, load_any(w, ((int64_t)o * patch + ky * run + a) * LANES, w_is_bf16));
+            for (int r = ky; r < min_int(ky + rows, g->kh); r++, to += run * LANES) {
+                widen(w, ((int64_t)o * g->kh + r) * taps, w_is_bf16, to, taps);
+                memset(to + taps, 0, sizeof(float) * (size_t)(run * LANES - taps));
+            }
     float *partial_b = partial + chunks * w_size;
     int status = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
@@ -1902,12 +1944,22 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
                 winners_image(g, x, is_bf16, kernels, grad, grad_is_bf16, code, scale, b, grad_x,
                               partial + k * w_size, grad_b ? partial_b + k * g->out_c : NULL, &s);
         }
+        /* the chunks' sums, kernel row by kernel row, without the padding of their rows */
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < w_size; r += LANES) {
-            vf sum = load(partial + r);
-            for (int64_t k = 1; k < chunks; k++) sum += load(partial + k * w_size + r);
-            store(grad_w + r, sum);
-        }
+        for (int64_t r = 0; r < (int64_t)g->out_c * g->kh; r++)
+            for (int v = 0; v < run; v++) {
+                const int64_t at = (r * run + v) * LANES;
+                vf sum = load(partial + at);
+                for (int64_t k = 1; k < chunks; k++) sum += load(partial + k * w_size + at);
+                float *out = grad_w + r * taps + v * LANES;
+                if ((v + 1) * LANES <= taps) {
+                    store(out, sum);
+                    continue;
+                }
+                float lanes[LANES];
+                store(lanes, sum);
+                memcpy(out, lanes, sizeof(float) * (size_t)(taps - v * LANES));
+            }
         free_winners_scratch(&s);
     }
     if (grad_b) {
