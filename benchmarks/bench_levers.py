@@ -9,6 +9,8 @@ AVX512-BF16):
   - GlobalMaxPooling2D as adaptive_max_pool2d, against amax
   - a conv's gradients from the max pool's winners in C (conv_then_pool: basic's weight
     gradient, tiny's weight and input gradients), against oneDNN's from the unpooled gradient
+  - tiny's second conv (kernel rows of 24 values) through winners_backward, against the C
+    weight and input gradients that sum over every window (pooled_weight_grad, pooled_input_grad)
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
   - optimizer steps through cnnlab's Updater, against torch.optim's zero_grad and step
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
@@ -65,6 +67,7 @@ def variant(
     onednn_conv_grads: bool = False,
     torch_optim_steps: bool = False,
     pad_pass: bool = False,
+    whole_vector_winners: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -104,6 +107,8 @@ def variant(
         stepper.step = functools.partial(without_conv_then_pool, stepper.step)  # type: ignore[method-assign]
     if pad_pass:  # the next conv pads its input itself (F.pad), as before the fourteenth session
         stepper.step = functools.partial(with_pad_pass, stepper.step)  # type: ignore[method-assign]
+    if whole_vector_winners:  # winners_backward as before the twenty-first session
+        stepper.step = functools.partial(with_whole_vector_winners, stepper.step)  # type: ignore[method-assign]
     return stepper
 
 
@@ -142,6 +147,16 @@ def with_pad_pass(step: Callable[[], object]) -> object:
         fused.bottom_right_pad = bottom_right_pad
 
 
+def with_whole_vector_winners(step: Callable[[], object]) -> object:
+    """A step where winners_backward takes only convs on whole vectors of input channels."""
+    winners_fit = fused.winners_fit
+    fused.winners_fit = lambda conv, pool: conv.in_channels % 16 == 0 and winners_fit(conv, pool)
+    try:
+        return step()
+    finally:
+        fused.winners_fit = winners_fit
+
+
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
     if not module.training:
         return x
@@ -176,6 +191,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("conv gradients from the pool's winners in C", {}, {"onednn_conv_grads": True}),
         ("optimizer steps by the Updater", {}, {"torch_optim_steps": True}),
         ("first block writes the next conv's padding", {}, {"pad_pass": True}),
+        ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -186,6 +202,8 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         if lever.startswith("conv gradients") and preset not in ("tiny", "basic", "dropout"):
             continue
         if lever.startswith("first block") and preset != "dropout":
+            continue
+        if lever.startswith("winners'") and preset != "tiny":
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
