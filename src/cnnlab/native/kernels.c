@@ -209,6 +209,33 @@ INLINE vi to_bf16(vf value) {
     return select_i(value != value, (bits >> 16) | 0x40, rounded) & 0xffff;
 }
 
+/* Stores v rounded to nearest even in bfloat16. */
+INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
+    if (is_bf16)
+        store_bf16_bits((uint16_t *)p + at, to_bf16(v));
+    else
+        store((float *)p + at, v);
+}
+
+/* n values of x (float32 or bfloat16) from x[at] on, into float32 `to`. */
+INLINE void widen(const void *x, int64_t at, int is_bf16, float *to, int64_t n) {
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) store(to + k, load_any(x, at + k, is_bf16));
+    for (; k < n; k++) to[k] = load_one(x, at + k, is_bf16);
+}
+
+/* n float32 values of `from` into p[at] on, rounded to nearest even where p is bfloat16. */
+INLINE void narrow(const float *from, int64_t n, void *p, int64_t at, int is_bf16) {
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) store_rounded(p, at + k, is_bf16, load(from + k));
+    for (; k < n; k++) {
+        if (is_bf16)
+            ((uint16_t *)p)[at + k] = (uint16_t)to_bf16((vf){0} + from[k])[0];
+        else
+            ((float *)p)[at + k] = from[k];
+    }
+}
+
 /* A buffer for pad_image (free it), with LANES floats to spare after the image for reads
  * past its last pixel whose values go unused (window_rows); NULL when out of memory. */
 static float *padded_buffer(const Geometry *g) {
@@ -956,14 +983,10 @@ static int64_t pad_image_any(const Geometry *g, const void *x, int is_bf16, int6
     memset(buf + rows * row, 0, sizeof(float) * (size_t)tail);
     if (!is_bf16) return pad_image(g, (const float *)x + b * image, buf);
     memset(buf, 0, sizeof(float) * (size_t)(rows * row));
-    const uint16_t *xb = (const uint16_t *)x + b * image;
     for (int y = 0; y < g->in_h && y + g->pad_top < rows; y++) {
         const int n = (g->in_w + g->pad_left < cols ? g->in_w : cols - g->pad_left) * in_c;
-        const uint16_t *from = xb + (int64_t)y * g->in_w * in_c;
         float *to = buf + (y + g->pad_top) * row + (int64_t)g->pad_left * in_c;
-        int k = 0;
-        for (; k + LANES <= n; k += LANES) store(to + k, load_bf16(from + k));
-        for (; k < n; k++) to[k] = load_one(from, k, 1);
+        widen(x, b * image + (int64_t)y * g->in_w * in_c, 1, to, n);
     }
     return row;
 }
@@ -1148,19 +1171,7 @@ static void store_cropped(const Geometry *g, const float *buf, int64_t row, int6
     const int64_t n = (int64_t)g->in_w * g->in_c;
     for (int y = 0; y < g->in_h; y++) {
         const float *from = buf + (y + g->pad_top) * row + (int64_t)g->pad_left * g->in_c;
-        const int64_t to = (b * g->in_h + y) * n;
-        if (!x_is_bf16) {
-            memcpy((float *)grad_x + to, from, sizeof(float) * (size_t)n);
-            continue;
-        }
-        uint16_t *out = (uint16_t *)grad_x + to;
-        int64_t k = 0;
-        for (; k + LANES <= n; k += LANES) store_bf16_bits(out + k, to_bf16(load(from + k)));
-        for (; k < n; k++) {
-            vf one = {0};
-            one[0] = from[k];
-            out[k] = (uint16_t)to_bf16(one)[0];
-        }
+        narrow(from, n, grad_x, (b * g->in_h + y) * n, x_is_bf16);
     }
 }
 
@@ -1438,33 +1449,6 @@ INLINE void block_numbers(int64_t block, uint64_t seed, vu numbers[8]) {
     philox(lanes + (uint32_t)counter, (uint32_t)(counter >> 32), seed, words);
     for (int part = 0; part < 8; part++)
         numbers[part] = (words[part >> 1] >> (16 * (part & 1))) & 0xffffu;
-}
-
-/* Stores v rounded to nearest even in bfloat16. */
-INLINE void store_rounded(void *p, int64_t at, int is_bf16, vf v) {
-    if (is_bf16)
-        store_bf16_bits((uint16_t *)p + at, to_bf16(v));
-    else
-        store((float *)p + at, v);
-}
-
-/* n values of x (float32 or bfloat16) from x[at] on, into float32 `to`. */
-INLINE void widen(const void *x, int64_t at, int is_bf16, float *to, int64_t n) {
-    int64_t k = 0;
-    for (; k + LANES <= n; k += LANES) store(to + k, load_any(x, at + k, is_bf16));
-    for (; k < n; k++) to[k] = load_one(x, at + k, is_bf16);
-}
-
-/* n float32 values of `from` into p[at] on, rounded to nearest even where p is bfloat16. */
-INLINE void narrow(const float *from, int64_t n, void *p, int64_t at, int is_bf16) {
-    int64_t k = 0;
-    for (; k + LANES <= n; k += LANES) store_rounded(p, at + k, is_bf16, load(from + k));
-    for (; k < n; k++) {
-        if (is_bf16)
-            ((uint16_t *)p)[at + k] = (uint16_t)to_bf16((vf){0} + from[k])[0];
-        else
-            ((float *)p)[at + k] = from[k];
-    }
 }
 
 /* A 16-bit random number below this drops its element: p * 65536, rounded. */
