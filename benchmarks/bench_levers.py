@@ -11,6 +11,7 @@ AVX512-BF16):
     gradient, tiny's weight and input gradients), against oneDNN's from the unpooled gradient
   - tiny's second conv (kernel rows of 24 values) through winners_backward, against the C
     weight and input gradients that sum over every window (pooled_weight_grad, pooled_input_grad)
+  - tiny's head (Dense, Dropout, Dense) in one C call each way, against the modules
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
   - optimizer steps through cnnlab's Updater, against torch.optim's zero_grad and step
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
@@ -68,6 +69,7 @@ def variant(
     torch_optim_steps: bool = False,
     pad_pass: bool = False,
     whole_vector_winners: bool = False,
+    module_head: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -109,6 +111,8 @@ def variant(
         stepper.step = functools.partial(with_pad_pass, stepper.step)  # type: ignore[method-assign]
     if whole_vector_winners:  # winners_backward as before the twenty-first session
         stepper.step = functools.partial(with_whole_vector_winners, stepper.step)  # type: ignore[method-assign]
+    if module_head:  # Dense, Dropout and Dense as modules, as before the twenty-second session
+        stepper.step = functools.partial(with_module_head, stepper.step)  # type: ignore[method-assign]
     return stepper
 
 
@@ -157,6 +161,16 @@ def with_whole_vector_winners(step: Callable[[], object]) -> object:
         fused.winners_fit = winners_fit
 
 
+def with_module_head(step: Callable[[], object]) -> object:
+    """A step where the Dense layers and the Dropout between them run as modules."""
+    dense_head_fits = fused.dense_head_fits
+    fused.dense_head_fits = lambda *args: False
+    try:
+        return step()
+    finally:
+        fused.dense_head_fits = dense_head_fits
+
+
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
     if not module.training:
         return x
@@ -192,6 +206,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("optimizer steps by the Updater", {}, {"torch_optim_steps": True}),
         ("first block writes the next conv's padding", {}, {"pad_pass": True}),
         ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
+        ("Dense, Dropout, Dense in one C call each way", {}, {"module_head": True}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -203,7 +218,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
             continue
         if lever.startswith("first block") and preset != "dropout":
             continue
-        if lever.startswith("winners'") and preset != "tiny":
+        if lever.startswith(("winners'", "Dense,")) and preset != "tiny":
             continue
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from cnnlab import native
 from cnnlab.config import RunConfig
 from cnnlab.data.types import ImageSet
 
@@ -28,6 +29,52 @@ def _no_pyplot_figure_left_open():
         left = pyplot.get_fignums()
         pyplot.close("all")
         pytest.fail(f"pyplot figures {left} were left open; close them with plt.close(fig)")
+
+
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (the native build of the C kernels then takes its paths)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kernels_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache folder for the kernel builds of this session: each is compiled once."""
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernels(request, kernels_cache, monkeypatch: pytest.MonkeyPatch):
+    """The compiled kernels; skips where none can be built. Every test runs twice on an AVX-512
+    CPU: with the AVX-512 code paths and with the portable ones that other CPUs take (built with
+    -mno-avx512f)."""
+    portable = request.param == "portable"
+    if portable and not has_avx512():
+        pytest.skip("no AVX-512 here: the native build already takes the portable paths")
+    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(kernels_cache))
+    if portable:
+        monkeypatch.setenv("CNNLAB_CFLAGS", "-mno-avx512f")
+    native.library.cache_clear()
+    try:
+        if native.library() is None:
+            pytest.skip("no C compiler here: the kernels cannot be built")
+        yield
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+
+
+@pytest.fixture
+def torch_only(monkeypatch: pytest.MonkeyPatch):
+    """Run the block without the kernel (the PyTorch modules), restoring the cache afterwards."""
+    monkeypatch.setenv("CNNLAB_NATIVE", "0")
+    native.library.cache_clear()
+    yield
+    monkeypatch.delenv("CNNLAB_NATIVE")
+    native.library.cache_clear()
 
 
 def corner_squares(n: int, size: int = 12, seed: int = 0) -> ImageSet:

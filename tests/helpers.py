@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
+
+from cnnlab.models import fused
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -14,3 +17,20 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def counted(name: str):
+    """Count the calls of cnnlab.models.fused.<name> inside the block: yields the list they
+    append to."""
+    original, calls = getattr(fused, name), []
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    setattr(fused, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(fused, name, original)

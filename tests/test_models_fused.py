@@ -4,7 +4,6 @@ case it does not accept runs the modules."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -12,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import counted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,51 +23,6 @@ from cnnlab.models.layers import CnnModel
 property_settings = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-def has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def kernels_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One cache folder for the kernel builds of this session: each is compiled once."""
-    return tmp_path_factory.mktemp("kernels")
-
-
-@pytest.fixture(params=["native", "portable"])
-def kernels(request, kernels_cache, monkeypatch: pytest.MonkeyPatch):
-    """The compiled kernels; skips where none can be built. Every test runs twice on an AVX-512
-    CPU: with the AVX-512 code paths and with the portable ones that other CPUs take (built with
-    -mno-avx512f)."""
-    portable = request.param == "portable"
-    if portable and not has_avx512():
-        pytest.skip("no AVX-512 here: the native build already takes the portable paths")
-    monkeypatch.setenv("CNNLAB_CACHE_DIR", str(kernels_cache))
-    if portable:
-        monkeypatch.setenv("CNNLAB_CFLAGS", "-mno-avx512f")
-    native.library.cache_clear()
-    try:
-        if native.library() is None:
-            pytest.skip("no C compiler here: the kernels cannot be built")
-        yield
-    finally:
-        monkeypatch.undo()
-        native.library.cache_clear()
-
-
-@pytest.fixture
-def torch_only(monkeypatch: pytest.MonkeyPatch):
-    """Run the block without the kernel (the PyTorch modules), restoring the cache afterwards."""
-    monkeypatch.setenv("CNNLAB_NATIVE", "0")
-    native.library.cache_clear()
-    yield
-    monkeypatch.delenv("CNNLAB_NATIVE")
-    native.library.cache_clear()
 
 
 def conv_layer(
@@ -100,22 +55,6 @@ def block_model(
         {"Dense": {"units": 3}},
     ]
     return build_model(layers, in_shape, 3)
-
-
-@contextlib.contextmanager
-def counted(name: str):
-    """Count the calls of fused.<name> inside the block: yields the list they append to."""
-    original, calls = getattr(fused, name), []
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
-    setattr(fused, name, counting)
-    try:
-        yield calls
-    finally:
-        setattr(fused, name, original)
 
 
 def block_is_empty(height, width, kh, kw, padding, pool_padding) -> bool:

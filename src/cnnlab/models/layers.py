@@ -961,6 +961,9 @@ class LayerStack(nn.Sequential):
             ):
                 x = fused.pool_dropout(module, following, x)
                 i += 2
+            elif (head := self._dense_head(modules, i, x)) is not None:
+                x, ran = head
+                i += ran
             elif (
                 isinstance(module, KerasConv2D)
                 and x.dim() == 4
@@ -992,6 +995,26 @@ class LayerStack(nn.Sequential):
         if fused_x is not None:
             return fused_x, 5
         return after.forward_padded(x), 3
+
+    @staticmethod
+    def _dense_head(
+        modules: list[nn.Module], i: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, int] | None:
+        """The Dense, optional Dropout and Dense at modules[i:] as one `fused.dense_head` where
+        both Dense layers are small enough to run in float32 (FP32_DENSE_MAX_WEIGHTS) and it
+        fits: the output and how many modules ran; None elsewhere."""
+        first, dropout, second = [*modules[i : i + 3], None, None, None][:3]
+        if not isinstance(dropout, KerasDropout):
+            dropout, second = None, dropout
+        if not (
+            isinstance(first, KerasDense)
+            and isinstance(second, KerasDense)
+            and first.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
+            and second.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
+            and fused.dense_head_fits(first, dropout, second, x)
+        ):
+            return None
+        return fused.dense_head(first, dropout, second, x), 2 if dropout is None else 3
 
     @staticmethod
     def _conv_pool_dropout(

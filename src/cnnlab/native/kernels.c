@@ -1,8 +1,9 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
  * after it (and, on CPUs with AVX512-BF16, a bfloat16 convolution on more channels with it),
  * the weight and input gradients of a convolution under a 2x2 max pool from the pooled gradient,
- * the 2x2 max pool alone with its gradient, dropout, and the 2x2 max pool with its ReLU and the
- * dropout after it in one pass.
+ * the 2x2 max pool alone with its gradient, dropout, the 2x2 max pool with its ReLU and the
+ * dropout after it in one pass, and a small float32 dense head (Dense, Dropout, Dense) in one
+ * call each way.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
@@ -1954,4 +1955,421 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
     free(kernels);
     free(partial);
     return status;
+}
+
+/* ------------------------------------------------------------------------ a small dense head
+ *
+ * In training, Dense(hidden, ReLU or no activation) -> Dropout(p) -> Dense(out), with float32
+ * weights and float32 arithmetic as the layers have it (small Dense layers stay float32 under
+ * bf16 autocast): one call forward and one backward, where PyTorch runs some twenty ops and
+ * six small matrix products that each pay their own dispatch and wake their threads.
+ *
+ * Layouts (row-major, contiguous):
+ *   x        [batch][in_f], float32 or bfloat16; grad_x alike
+ *   w1       float32 [hidden][in_f], b1 [hidden] or NULL (PyTorch's Linear layout); grads alike
+ *   w2       float32 [out_f][hidden], b2 [out_f] or NULL
+ *   xf       float32 [parts][batch][in_pad]: x widened, one copy per part (below), kept for the
+ *            backward pass
+ *   act      float32 [batch][hid_pad]: the activation's output, before the dropout
+ *   dropped  float32 [batch][hid_pad]: the dropout's output
+ *   factor   float32 [batch][hid_pad]: what the dropout multiplied each value by (0, or 1 / keep
+ *            rate), drawn as `dropout` draws it for a [batch][hidden] tensor: the same seed
+ *            gives the same mask
+ *   logits   float32 [batch][out_f]
+ * in_pad and hid_pad are in_f and hidden rounded up to whole vectors. Lanes past in_f or hidden
+ * are never read into a real output: column j of a product depends only on column j of its
+ * right-hand matrix, and the sums run over real columns only.
+ *
+ * The hidden units are split into `parts`, whole vectors each, one per thread: a part's thread
+ * transposes its rows of w1, computes its columns of act, dropped and factor forward, and
+ * backward their gradient and its rows of grad_w1, from its own copy of x. What one core writes
+ * the other then never reads, except the hidden values that the second Dense (forward) and the
+ * input gradient (backward) sum over, split by batch rows. (With one shared transposed w1 and
+ * one xf, every call's writes had first to take the cache lines back from the other core that
+ * read them: the transpose alone took 35 us on two threads against 6 us on one.)
+ *
+ * The matrix products go by tiles of up to TILE_ROWS rows and TILE_VECTORS vectors of the
+ * output, their sums in registers: per step of the sum, a load of each vector of the right-hand
+ * row and a broadcast of each left-hand value. The left-hand matrix is read through two
+ * strides, so a transposed one (the gradients' g^T) needs no copy.
+ */
+
+#define TILE_ROWS 6
+#define TILE_VECTORS 4
+
+/* out[i][j] = init[j] + sum over k < depth of a[i * a_row + k * a_step] * b[k * b_row + j], for
+ * i < rows and j < cols; out float32 or bfloat16 (rounded), rows out_row apart. b's rows, and
+ * init, hold whole vectors: cols rounded up. */
+typedef struct {
+    const float *a;
+    int64_t a_row, a_step;
+    const float *b;
+    int64_t b_row, depth;
+    const float *init; /* or NULL: zeros */
+    void *out;
+    int out_is_bf16;
+    int64_t out_row, rows, cols;
+} Product;
+
+/* The first `valid` lanes of v into p[at] (all of them from LANES on), rounded to bfloat16. */
+INLINE void store_first(void *p, int64_t at, int is_bf16, vf v, int64_t valid) {
+    if (valid >= LANES) {
+        store_rounded(p, at, is_bf16, v);
+        return;
+    }
+    float lanes[LANES];
+    store(lanes, v);
+    narrow(lanes, valid, p, at, is_bf16);
+}
+
+INLINE void product_tile(const Product *p, int64_t i0, int64_t j0, const int rows,
+                         const int vectors) {
+    vf sum[TILE_ROWS][TILE_VECTORS];
+    for (int v = 0; v < vectors; v++) {
+        const vf start = p->init ? load(p->init + j0 + v * LANES) : (vf){0};
+        for (int r = 0; r < rows; r++) sum[r][v] = start;
+    }
+    const float *a = p->a + i0 * p->a_row, *b = p->b + j0;
+    for (int64_t k = 0; k < p->depth; k++, a += p->a_step, b += p->b_row) {
+        vf right[TILE_VECTORS];
+        for (int v = 0; v < vectors; v++) right[v] = load(b + v * LANES);
+        for (int r = 0; r < rows; r++) {
+            const float left = a[r * p->a_row]; /* broadcast by the product below, where
+                                                 * 0 + left would cost an add before it */
+            for (int v = 0; v < vectors; v++) sum[r][v] += left * right[v];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < vectors; v++) {
+            const int64_t j = j0 + v * LANES;
+            store_first(p->out, (i0 + r) * p->out_row + j, p->out_is_bf16, sum[r][v],
+                        p->cols - j);
+        }
+}
+
+/* A tile of any size up to TILE_ROWS x TILE_VECTORS, its sums unrolled into registers. */
+static void product_tile_any(const Product *p, int64_t i0, int64_t j0, int rows, int vectors) {
+#define TILE(r, v)                                                                            \
+    case (r) * 8 + (v):                                                                       \
+        product_tile(p, i0, j0, r, v);                                                        \
+        break;
+#define TILES(r) TILE(r, 1) TILE(r, 2) TILE(r, 3) TILE(r, 4)
+    switch (rows * 8 + vectors) {
+        TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
+    }
+#undef TILES
+#undef TILE
+}
+
+/* The whole product, on the calling thread. */
+static void product(const Product *p) {
+    const int64_t vectors = (p->cols + LANES - 1) / LANES;
+    for (int64_t v0 = 0; v0 < vectors; v0 += TILE_VECTORS)
+        for (int64_t i0 = 0; i0 < p->rows; i0 += TILE_ROWS) {
+            const int64_t rows = p->rows - i0 < TILE_ROWS ? p->rows - i0 : TILE_ROWS;
+            const int64_t tile = vectors - v0 < TILE_VECTORS ? vectors - v0 : TILE_VECTORS;
+            product_tile_any(p, i0, v0 * LANES, (int)rows, (int)tile);
+        }
+}
+
+INLINE int64_t whole_vectors(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* Share `part` of `parts` of n, in whole vectors where `vectors`: [*first, *last). */
+static void part_range(int64_t n, int64_t part, int64_t parts, int vectors, int64_t *first,
+                       int64_t *last) {
+    const int64_t unit = vectors ? LANES : 1, units = (n + unit - 1) / unit;
+    *first = units * part / parts * unit;
+    *last = units * (part + 1) / parts * unit;
+    if (*last > n) *last = n;
+}
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef HAS_SHUFFLEVECTOR
+/* Rows i and i + s (i & s == 0) swap the off-diagonal s x s blocks of their 2s x 2s blocks:
+ * lanes j + s of row i <-> lanes j of row i + s. */
+#define SWAP_BLOCKS(s, FIRST, SECOND)                                                         \
+    for (int i = 0; i < LANES; i++)                                                           \
+        if (!(i & (s))) {                                                                     \
+            const vf upper = rows[i], lower = rows[i + (s)];                                  \
+            rows[i] = __builtin_shufflevector(upper, lower, FIRST);                           \
+            rows[i + (s)] = __builtin_shufflevector(upper, lower, SECOND);                    \
+        }
+#define FIRST8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define SECOND8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define FIRST4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define SECOND4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define FIRST2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define SECOND2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define FIRST1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define SECOND1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+
+/* The LANES x LANES block at from (rows from_row floats apart) transposed into to (rows to_row
+ * apart): swapping the off-diagonal halves of the block, then of each diagonal quarter, and so
+ * on down to single values, in registers (64 two-vector shuffles for 256 scalar moves). */
+INLINE void transpose_block(const float *from, int64_t from_row, float *to, int64_t to_row) {
+    vf rows[LANES];
+    for (int i = 0; i < LANES; i++) rows[i] = load(from + i * from_row);
+    SWAP_BLOCKS(8, FIRST8, SECOND8)
+    SWAP_BLOCKS(4, FIRST4, SECOND4)
+    SWAP_BLOCKS(2, FIRST2, SECOND2)
+    SWAP_BLOCKS(1, FIRST1, SECOND1)
+    for (int i = 0; i < LANES; i++) store(to + i * to_row, rows[i]);
+}
+#endif
+
+/* to[j][i] = from[i * from_row + j] for i < rows, j < cols; to's rows `to_row` floats apart,
+ * zeros after the first `rows`. */
+static void transpose_padded(const float *from, int64_t from_row, int64_t rows, int64_t cols,
+                             float *to, int64_t to_row) {
+    for (int64_t j0 = 0; j0 < cols; j0 += LANES) {
+        const int64_t j1 = j0 + LANES < cols ? j0 + LANES : cols;
+        int64_t i0 = 0;
+#ifdef HAS_SHUFFLEVECTOR
+        if (j1 - j0 == LANES)
+            for (; i0 + LANES <= rows; i0 += LANES)
+                transpose_block(from + i0 * from_row + j0, from_row, to + j0 * to_row + i0,
+                                to_row);
+#endif
+        for (int64_t j = j0; j < j1; j++) {
+            float *row = to + j * to_row;
+            for (int64_t i = i0; i < rows; i++) row[i] = from[i * from_row + j];
+            memset(row + rows, 0, sizeof(float) * (size_t)(to_row - rows));
+        }
+    }
+}
+
+/* cols values of each of from's rows (from_row floats apart) into rows to_row floats apart,
+ * zeros after them (all zeros where from is NULL: a missing bias). */
+static void copy_padded(const float *from, int64_t from_row, int64_t rows, int64_t cols,
+                        float *to, int64_t to_row) {
+    for (int64_t i = 0; i < rows; i++) {
+        if (from)
+            memcpy(to + i * to_row, from + i * from_row, sizeof(float) * (size_t)cols);
+        else
+            memset(to + i * to_row, 0, sizeof(float) * (size_t)cols);
+        memset(to + i * to_row + cols, 0, sizeof(float) * (size_t)(to_row - cols));
+    }
+}
+
+/* factor[b][j] for hidden units [first, last) of every row b (see the layouts above): element
+ * b * hidden + j of `dropout`'s order. Whole vectors of a row are whole vectors of that order
+ * where hidden is a multiple of LANES; other widths go value by value. */
+static void dropout_factors(int64_t batch, int64_t hidden, int64_t first, int64_t last, float p,
+                            uint64_t seed, float *factor) {
+    const uint32_t drop_below = drop_threshold(p);
+    const float scale = keep_scale(drop_below);
+    const int64_t hid_pad = whole_vectors(hidden);
+    int64_t block = -1;
+    vu numbers[8];
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t j = first; j < last; j += LANES) {
+            const int64_t at = b * hidden + j;
+            if (!drop_below) {
+                store(factor + b * hid_pad + j, (vf){0} + 1.0f);
+                continue;
+            }
+            if (hidden % LANES == 0) {
+                if (at / BLOCK != block) block_numbers(block = at / BLOCK, seed, numbers);
+                const vi kept = (vi)(numbers[at % BLOCK / LANES] >= drop_below);
+                store(factor + b * hid_pad + j, select_f(kept, (vf){0} + scale, (vf){0}));
+                continue;
+            }
+            for (int64_t k = 0; k < LANES && j + k < last; k++) {
+                if (at + k >= (block + 1) * BLOCK || at + k < block * BLOCK)
+                    block_numbers(block = (at + k) / BLOCK, seed, numbers);
+                const int64_t e = at + k - block * BLOCK;
+                factor[b * hid_pad + j + k] = numbers[e / LANES][e % LANES] >= drop_below ? scale
+                                                                                         : 0.0f;
+            }
+        }
+}
+
+/* The forward pass of hidden units [h0, h1): act, dropped and factor there. */
+static void head_forward_part(const void *x, int x_is_bf16, int64_t batch, int64_t in_f,
+                              int64_t hidden, const float *w1, const float *b1, int relu,
+                              float p, uint64_t seed, int64_t h0, int64_t h1, float *xf,
+                              float *act, float *dropped, float *factor, float *scratch) {
+    const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
+    const int64_t width = whole_vectors(h1 - h0);
+    float *w1t = scratch, *bias = scratch + in_f * width;
+    for (int64_t b = 0; b < batch; b++) {
+        widen(x, b * in_f, x_is_bf16, xf + b * in_pad, in_f);
+        memset(xf + b * in_pad + in_f, 0, sizeof(float) * (size_t)(in_pad - in_f));
+    }
+    transpose_padded(w1 + h0 * in_f, in_f, h1 - h0, in_f, w1t, width);
+    copy_padded(b1 ? b1 + h0 : NULL, 0, 1, h1 - h0, bias, width);
+    dropout_factors(batch, hidden, h0, h1, p, seed, factor);
+    const Product hidden_values = {.a = xf, .a_row = in_pad, .a_step = 1,
+                                   .b = w1t, .b_row = width, .depth = in_f, .init = bias,
+                                   .out = act + h0, .out_row = hid_pad,
+                                   .rows = batch, .cols = width};
+    product(&hidden_values);
+    /* the activation (as torch.relu: NaN stays NaN), then the dropout (x * 0 keeps NaN) */
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t j = h0; j < h0 + width; j += LANES) {
+            const int64_t at = b * hid_pad + j;
+            vf value = load(act + at);
+            if (relu) value = pick_f(not_positive(value), (vf){0}, value);
+            store(act + at, value);
+            store(dropped + at, value * load(factor + at));
+        }
+}
+
+/* The widest part's hidden units, in whole vectors. */
+INLINE int64_t widest_part(int64_t hidden, int64_t parts) {
+    return (whole_vectors(hidden) / LANES + parts - 1) / parts * LANES;
+}
+
+int dense_head_forward(const void *x, int32_t x_is_bf16, int64_t batch, int32_t in_f,
+                       int32_t hidden, int32_t out_f, const float *w1, const float *b1,
+                       int32_t relu, float p, uint64_t seed, const float *w2, const float *b2,
+                       int32_t parts, float *xf, float *act, float *dropped, float *factor,
+                       float *logits, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
+    if (batch < 1 || in_f < 1 || hidden < 1 || out_f < 1 || parts < 1 ||
+        parts > whole_vectors(hidden) / LANES || !(p >= 0.0f && p < 1.0f))
+        return 1;
+    const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
+    const int64_t out_pad = whole_vectors(out_f), width = widest_part(hidden, parts);
+    const int64_t part_size = in_f * width + width;
+    /* per part: its w1 rows transposed and their bias; per batch share: w2 transposed, b2 */
+    const int64_t second_size = hidden * out_pad + out_pad;
+    float *scratch = malloc(sizeof(float) * (size_t)(parts * (part_size + second_size)));
+    if (!scratch) return 2;
+#pragma omp parallel num_threads(threads) if (threads > 1 && parts > 1)
+    {
+#pragma omp for schedule(static, 1)
+        for (int64_t part = 0; part < parts; part++) {
+            int64_t h0, h1;
+            part_range(hidden, part, parts, 1, &h0, &h1);
+            head_forward_part(x, x_is_bf16, batch, in_f, hidden, w1, b1, relu, p, seed, h0, h1,
+                              xf + part * batch * in_pad, act, dropped, factor,
+                              scratch + part * part_size);
+        }
+        /* the second Dense by shares of the batch, each from its own copy of w2 transposed */
+#pragma omp for schedule(static, 1)
+        for (int64_t share = 0; share < parts; share++) {
+            int64_t r0, r1;
+            part_range(batch, share, parts, 0, &r0, &r1);
+            float *w2t = scratch + parts * part_size + share * second_size;
+            float *bias = w2t + hidden * out_pad;
+            transpose_padded(w2, hidden, out_f, hidden, w2t, out_pad);
+            copy_padded(b2, 0, 1, out_f, bias, out_pad);
+            const Product second = {.a = dropped + r0 * hid_pad, .a_row = hid_pad, .a_step = 1,
+                                    .b = w2t, .b_row = out_pad, .depth = hidden, .init = bias,
+                                    .out = logits + r0 * out_f, .out_row = out_f,
+                                    .rows = r1 - r0, .cols = out_f};
+            if (r1 > r0) product(&second);
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* The backward pass of hidden units [h0, h1): their hidden gradient (into grad_h), bias and
+ * weight gradients, and w2's gradient columns. */
+static void head_backward_part(const float *grad_logits, int64_t batch, int64_t in_f,
+                               int64_t hidden, int64_t out_f, int relu, const float *w2,
+                               int64_t h0, int64_t h1, const float *xf, const float *act,
+                               const float *dropped, const float *factor, float *grad_h,
+                               float *grad_w1, float *grad_b1, float *grad_w2, float *scratch) {
+    const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
+    const int64_t width = whole_vectors(h1 - h0);
+    float *w2_part = scratch; /* w2's columns [h0, h1), rows of whole vectors */
+    copy_padded(w2 + h0, hidden, out_f, h1 - h0, w2_part, width);
+    const Product hidden_grad = {.a = grad_logits, .a_row = out_f, .a_step = 1,
+                                 .b = w2_part, .b_row = width, .depth = out_f,
+                                 .out = grad_h + h0, .out_row = hid_pad,
+                                 .rows = batch, .cols = width};
+    product(&hidden_grad);
+    /* back through the dropout (its factor: an infinite gradient times 0 is NaN, as in
+     * PyTorch), then the ReLU (threshold_backward: zero where its output is <= 0) */
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t j = h0; j < h0 + width; j += LANES) {
+            const int64_t at = b * hid_pad + j;
+            vf value = load(grad_h + at) * load(factor + at);
+            if (relu) value = pick_f(not_positive(load(act + at)), (vf){0}, value);
+            store(grad_h + at, value);
+        }
+    if (grad_b1)
+        for (int64_t j = h0; j < h1; j += LANES) {
+            vf sum = (vf){0};
+            for (int64_t b = 0; b < batch; b++) sum += load(grad_h + b * hid_pad + j);
+            store_first(grad_b1, j, 0, sum, h1 - j);
+        }
+    const Product weights2 = {.a = grad_logits, .a_row = 1, .a_step = out_f, /* its transpose */
+                              .b = dropped + h0, .b_row = hid_pad, .depth = batch,
+                              .out = grad_w2 + h0, .out_row = hidden,
+                              .rows = out_f, .cols = h1 - h0};
+    product(&weights2);
+    const Product weights1 = {.a = grad_h + h0, .a_row = 1, .a_step = hid_pad, /* transposed */
+                              .b = xf, .b_row = in_pad, .depth = batch,
+                              .out = grad_w1 + h0 * in_f, .out_row = in_f,
+                              .rows = h1 - h0, .cols = in_f};
+    product(&weights1);
+}
+
+/* grad_logits [batch][out_f] float32; grad_x (x's type) may be NULL: not wanted. parts and xf
+ * as in the forward pass. */
+int dense_head_backward(const float *grad_logits, int64_t batch, int32_t in_f, int32_t hidden,
+                        int32_t out_f, const float *w1, int32_t relu, const float *w2,
+                        int32_t parts, const float *xf, const float *act, const float *dropped,
+                        const float *factor, void *grad_x, int32_t x_is_bf16, float *grad_w1,
+                        float *grad_b1, float *grad_w2, float *grad_b2, int32_t threads) {
+    (void)threads; /* unused without OpenMP */
+    if (batch < 1 || in_f < 1 || hidden < 1 || out_f < 1 || parts < 1 ||
+        parts > whole_vectors(hidden) / LANES)
+        return 1;
+    const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
+    const int64_t width = widest_part(hidden, parts);
+    /* the hidden gradient; per part its columns of w2; per batch share, where in_f is not whole
+     * vectors, w1 with rows of whole vectors */
+    const int64_t w1_size = in_f % LANES ? hidden * in_pad : 0;
+    const int64_t size = batch * hid_pad + parts * (out_f * width + w1_size);
+    float *grad_h = malloc(sizeof(float) * (size_t)size);
+    if (!grad_h) return 2;
+    float *w2_parts = grad_h + batch * hid_pad, *w1_copies = w2_parts + parts * out_f * width;
+#pragma omp parallel num_threads(threads) if (threads > 1 && parts > 1)
+    {
+#pragma omp for schedule(static, 1)
+        for (int64_t part = 0; part < parts; part++) {
+            int64_t h0, h1;
+            part_range(hidden, part, parts, 1, &h0, &h1);
+            head_backward_part(grad_logits, batch, in_f, hidden, out_f, relu, w2, h0, h1,
+                               xf + part * batch * in_pad, act, dropped, factor, grad_h,
+                               grad_w1, grad_b1, grad_w2, w2_parts + part * out_f * width);
+            if (part == 0 && grad_b2)
+                for (int o = 0; o < out_f; o++) {
+                    float sum = 0.0f;
+                    for (int64_t b = 0; b < batch; b++) sum += grad_logits[b * out_f + o];
+                    grad_b2[o] = sum;
+                }
+        }
+        /* the input gradient by shares of the batch: every hidden unit's gradient */
+#pragma omp for schedule(static, 1)
+        for (int64_t share = 0; share < parts; share++) {
+            int64_t r0, r1;
+            part_range(batch, share, parts, 0, &r0, &r1);
+            const float *weights = w1;
+            if (w1_size) {
+                float *copy = w1_copies + share * w1_size;
+                copy_padded(w1, in_f, hidden, in_f, copy, in_pad);
+                weights = copy;
+            }
+            const Product input = {.a = grad_h + r0 * hid_pad, .a_row = hid_pad, .a_step = 1,
+                                   .b = weights, .b_row = w1_size ? in_pad : in_f,
+                                   .depth = hidden,
+                                   .out = (char *)grad_x + r0 * in_f * (x_is_bf16 ? 2 : 4),
+                                   .out_is_bf16 = x_is_bf16, .out_row = in_f,
+                                   .rows = r1 - r0, .cols = in_f};
+            if (grad_x && r1 > r0) product(&input);
+        }
+    }
+    free(grad_h);
+    return 0;
 }
