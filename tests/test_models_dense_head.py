@@ -267,3 +267,21 @@ def test_dense_head_kernel_refuses_what_it_cannot_do(kernels):
     assert torch.equal(logits, torch.full((2, 3), 7.0))
     assert forward() == 0
     assert torch.isfinite(logits).all() and not torch.equal(logits, torch.full((2, 3), 7.0))
+
+
+def test_dense_head_takes_weights_in_any_layout(kernels):
+    """Weights that are views of transposed storage (as a loaded or hand-set tensor can be)
+    give the results of contiguous ones."""
+    torch.manual_seed(9)
+    model = head_model(20, 32, 6, relu=True, p=0.2)
+    x = torch.randn(7, 20, 1, 1)
+    expected = run_head(model, x, use_kernel=True)
+    strided = copy.deepcopy(model)
+    for layer in (strided.layers[1], strided.layers[3]):
+        weight = layer.weight.detach().t().contiguous().t()  # same values, column-major
+        layer.weight = torch.nn.Parameter(weight)
+        assert not layer.weight.is_contiguous()
+    seen = run_head(strided, x, use_kernel=True)
+    assert seen[3] == 1
+    assert torch.equal(seen[0], expected[0])
+    assert all(torch.equal(seen[1][name], expected[1][name]) for name in expected[1])

@@ -959,7 +959,9 @@ class _DenseHead(torch.autograd.Function):
     ) -> torch.Tensor:
         lib = native.library()
         assert lib is not None
-        x = x.contiguous()
+        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+        b1 = b1.contiguous() if b1 is not None else None
+        b2 = b2.contiguous() if b2 is not None else None
         (batch, in_f), hidden, out_f = x.shape, w1.shape[0], w2.shape[0]
         threads = torch.get_num_threads()
         parts = min(threads, _padded(hidden) // native.LANES)  # of the hidden units, per thread
