@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from cnnlab.models import fused
+from cnnlab.models import chain, fused
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -34,3 +34,15 @@ def counted(name: str):
         yield calls
     finally:
         setattr(fused, name, original)
+
+
+@contextlib.contextmanager
+def per_block():
+    """Each fused block as its own autograd Function inside the block, as without
+    cnnlab.models.chain: for tests of the blocks themselves."""
+    original = chain.chain_prefix
+    chain.chain_prefix = lambda *args: None
+    try:
+        yield
+    finally:
+        chain.chain_prefix = original

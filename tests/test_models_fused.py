@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import counted
+from helpers import counted, per_block
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,7 +73,11 @@ def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = Fals
     fused_ok = fused.fusable_now
     fused.fusable_now = (lambda *a: fused_ok(*a)) if use_kernel else (lambda *a: False)
     try:
-        with counted("conv_pool") as calls, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with (
+            per_block(),
+            counted("conv_pool") as calls,
+            torch.autocast("cpu", torch.bfloat16, enabled=bf16),
+        ):
             logits = model(x)
         F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
     finally:
@@ -214,7 +218,11 @@ def padded_run(model: CnnModel, x: torch.Tensor, *, write_padding: bool, bf16: b
     if not write_padding:
         fused.bottom_right_pad = lambda conv: None
     try:
-        with counted("conv_then_pool") as pooled, torch.autocast("cpu", enabled=bf16):
+        with (
+            per_block(),
+            counted("conv_then_pool") as pooled,
+            torch.autocast("cpu", enabled=bf16),
+        ):
             logits = model(x)
         F.cross_entropy(logits.float(), torch.arange(x.shape[0]) % 3).backward()
     finally:
@@ -810,7 +818,7 @@ def test_dropout_preset_trains_the_same_with_pool_dropout(kernels, bf16):
         conv_fits, fused.conv_pool_dropout_fits = fused.conv_pool_dropout_fits, no_conv_fusion
         try:
             torch.manual_seed(1)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with per_block(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = trained(x)
             (logits.float() * torch.linspace(-1, 1, 10)).sum().backward()
         finally:

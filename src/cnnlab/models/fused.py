@@ -25,6 +25,7 @@ an input gradient, tracing, torch.compile), the two modules run as they are.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -210,6 +211,60 @@ def _check(status: int) -> None:
         raise RuntimeError(f"cnnlab conv-pool kernel failed with status {status}")
 
 
+def conv_pool_run(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: native.ConvPoolGeometry,
+    out_dtype: torch.dtype,
+    train: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first block's kernel (conv_pool_forward) on x: the pooled output (out_dtype,
+    channels_last), x as (B, H, W, C) and, in training, the winning window positions that
+    `conv_pool_grads` takes."""
+    lib = native.library()
+    assert lib is not None
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last or 1 channel
+    w = weight.detach().contiguous()  # the kernel relays it out (weights_by_tap)
+    b = bias.detach().contiguous() if bias is not None else None
+    batch = x.shape[0]
+    y = torch.empty(
+        (batch, g.out_c, g.out_rows, g.out_cols), dtype=out_dtype, memory_format=torch.channels_last
+    )
+    argmax = (
+        torch.empty((batch, g.out_rows, g.out_cols, g.out_c), dtype=torch.uint8) if train else None
+    )
+    y_is_bf16 = int(out_dtype == torch.bfloat16)
+    inputs = (_pointer(x_nhwc), _pointer(w), _pointer(b))
+    outputs = (_pointer(y), y_is_bf16, _pointer(argmax))
+    threads = torch.get_num_threads()
+    _check(lib.conv_pool_forward(ctypes.byref(g), *inputs, batch, *outputs, threads))
+    return y, x_nhwc, argmax
+
+
+def conv_pool_grads(
+    g: native.ConvPoolGeometry,
+    x_nhwc: torch.Tensor,
+    argmax: torch.Tensor,
+    grad_y: torch.Tensor,
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first block's weight and bias gradients (conv_pool_weight_grad) from `conv_pool_run`'s
+    x_nhwc and positions and the gradient of its output."""
+    lib = native.library()
+    assert lib is not None
+    if grad_y.dtype not in (torch.float32, torch.bfloat16):
+        grad_y = grad_y.float()
+    grad = grad_y.permute(0, 2, 3, 1).contiguous()  # (B, pool_h, pool_w, out_c)
+    weight_grad = torch.empty((g.out_c, g.in_c, g.kh, g.kw))
+    bias_grad = torch.empty(g.out_c) if has_bias else None
+    inputs = (_pointer(x_nhwc), _pointer(grad), int(grad.dtype == torch.bfloat16))
+    images = (_pointer(argmax), grad.shape[0], GRAD_CHUNK)
+    outputs = (_pointer(weight_grad), _pointer(bias_grad), torch.get_num_threads())
+    _check(lib.conv_pool_weight_grad(ctypes.byref(g), *inputs, *images, *outputs))
+    return weight_grad, bias_grad
+
+
 class _ConvPool(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -221,49 +276,16 @@ class _ConvPool(torch.autograd.Function):
         out_dtype: torch.dtype,
         train: bool,
     ) -> torch.Tensor:
-        lib = native.library()
-        assert lib is not None
-        g = geometry
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last or 1 channel
-        w = weight.detach().contiguous()  # the kernel relays it out (weights_by_tap)
-        b = bias.detach().contiguous() if bias is not None else None
-        batch = x.shape[0]
-        y = torch.empty(
-            (batch, g.out_c, g.out_rows, g.out_cols),
-            dtype=out_dtype,
-            memory_format=torch.channels_last,
-        )
-        # The winning window positions, kept for the weight gradient (in training only).
-        argmax = (
-            torch.empty((batch, g.out_rows, g.out_cols, g.out_c), dtype=torch.uint8)
-            if train
-            else None
-        )
-        y_is_bf16 = int(out_dtype == torch.bfloat16)
-        inputs = (_pointer(x_nhwc), _pointer(w), _pointer(b))
-        outputs = (_pointer(y), y_is_bf16, _pointer(argmax))
-        threads = torch.get_num_threads()
-        _check(lib.conv_pool_forward(ctypes.byref(g), *inputs, batch, *outputs, threads))
+        y, x_nhwc, argmax = conv_pool_run(x, weight, bias, geometry, out_dtype, train)
         if train:
             ctx.save_for_backward(x_nhwc, argmax)
-            ctx.geometry, ctx.has_bias = g, bias is not None
+            ctx.geometry, ctx.has_bias = geometry, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        lib = native.library()
-        assert lib is not None
         x_nhwc, argmax = ctx.saved_tensors
-        g = ctx.geometry
-        if grad_y.dtype not in (torch.float32, torch.bfloat16):
-            grad_y = grad_y.float()
-        grad = grad_y.permute(0, 2, 3, 1).contiguous()  # (B, pool_h, pool_w, out_c)
-        weight_grad = torch.empty((g.out_c, g.in_c, g.kh, g.kw))
-        bias_grad = torch.empty(g.out_c) if ctx.has_bias else None
-        inputs = (_pointer(x_nhwc), _pointer(grad), int(grad.dtype == torch.bfloat16))
-        images = (_pointer(argmax), grad.shape[0], GRAD_CHUNK)
-        outputs = (_pointer(weight_grad), _pointer(bias_grad), torch.get_num_threads())
-        _check(lib.conv_pool_weight_grad(ctypes.byref(g), *inputs, *images, *outputs))
+        weight_grad, bias_grad = conv_pool_grads(ctx.geometry, x_nhwc, argmax, grad_y, ctx.has_bias)
         return (
             None,
             weight_grad if ctx.needs_input_grad[1] else None,
@@ -536,18 +558,26 @@ def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
     return lib is not None and bool(lib.winners_shape_supported(kh, run))
 
 
-def _winners_backward(
-    ctx: Any, x_in: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, code: torch.Tensor, p: float
+def winners_grads(
+    g: native.ConvPoolGeometry,
+    x_in: torch.Tensor,
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    code: torch.Tensor,
+    p: float,
+    *,
+    input_grad: bool,
+    has_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """The input (where ctx needs it), weight and bias (where ctx has one) gradients of the conv
-    that ran on x_in with weights w under the 2x2 pool (and the dropout of rate p, 0 for none)
-    whose codes and output gradient (in x_in's dtype, channels_last) these are."""
+    """The input (with `input_grad`), weight and bias (with `has_bias`) gradients of the conv of
+    geometry g that ran on x_in with weights w under the 2x2 pool (and the dropout of rate p, 0
+    for none) whose codes and output gradient (in x_in's dtype, channels_last) these are
+    (winners_backward in kernels.c)."""
     lib = native.library()
     assert lib is not None
-    g = ctx.winners_geometry
-    grad_x = torch.empty_like(x_in) if ctx.needs_input_grad[0] else None
+    grad_x = torch.empty_like(x_in) if input_grad else None
     grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
-    grad_b = torch.empty(g.out_c) if ctx.has_bias else None
+    grad_b = torch.empty(g.out_c) if has_bias else None
     is_bf16 = int(x_in.dtype == torch.bfloat16)
     w_nhwc = w.permute(0, 2, 3, 1).contiguous()  # no copy for channels_last weights
     inputs = (_pointer(x_in), is_bf16, _pointer(w_nhwc), int(w.dtype == torch.bfloat16))
@@ -580,7 +610,7 @@ def _conv_pool_bf16(
     return pooled, code
 
 
-def _conv_pool_act_dropout_bf16(
+def conv_pool_act_dropout_bf16(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -588,12 +618,15 @@ def _conv_pool_act_dropout_bf16(
     relu: bool,
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_conv_pool_bf16`, then the ReLU and the dropout in place (act_dropout_forward: the mask
-    `_run_pool_dropout` draws for the same generator state): the output and its codes."""
+    """`_conv_pool_bf16`, then the ReLU and the dropout of rate p in place (act_dropout_forward:
+    the mask `_run_pool_dropout` draws for the same generator state; with p = 0 no draw and no
+    dropout): the output and its codes, which `winners_grads` takes with the same p."""
     lib = native.library()
     assert lib is not None
     pooled, code = _conv_pool_bf16(x, weight, bias, g)
-    seed = _dropout_seed()
+    if not relu and p == 0.0:
+        return pooled, code
+    seed = _dropout_seed() if p > 0.0 else 0
     n, threads = pooled.numel(), torch.get_num_threads()
     _check(
         lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
@@ -623,7 +656,7 @@ class _ConvPoolDropout(torch.autograd.Function):
         relu = pool.deferred_act is not None
         g = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
         if dtype == torch.bfloat16 and bf16_conv_pool_fits(conv):
-            pooled, code = _conv_pool_act_dropout_bf16(x_in, weight, bias, g, relu, p)
+            pooled, code = conv_pool_act_dropout_bf16(x_in, weight, bias, g, relu, p)
         else:
             with torch.autocast("cpu", enabled=False):
                 b = bias.to(dtype) if bias is not None else None
@@ -639,7 +672,16 @@ class _ConvPoolDropout(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x_in, w, code = ctx.saved_tensors
         grad = grad_y.to(x_in.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x, grad_w, grad_b = _winners_backward(ctx, x_in, w, grad, code, ctx.p)
+        grad_x, grad_w, grad_b = winners_grads(
+            ctx.winners_geometry,
+            x_in,
+            w,
+            grad,
+            code,
+            ctx.p,
+            input_grad=ctx.needs_input_grad[0],
+            has_bias=ctx.has_bias,
+        )
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -774,7 +816,16 @@ class _ConvThenPool(torch.autograd.Function):
         padded, w, argmax = ctx.saved_tensors
         grad = grad_pooled.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
         if ctx.winners_geometry is not None:
-            grad_x, grad_w, grad_b = _winners_backward(ctx, padded, w, grad, argmax, 0.0)
+            grad_x, grad_w, grad_b = winners_grads(
+                ctx.winners_geometry,
+                padded,
+                w,
+                grad,
+                argmax,
+                0.0,
+                input_grad=ctx.needs_input_grad[0],
+                has_bias=ctx.has_bias,
+            )
             return _cropped(ctx, grad_x), grad_w, grad_b, None, None
         lib = native.library()
         assert lib is not None
@@ -945,6 +996,106 @@ def dense_head_fits(
     )
 
 
+# What `dense_head_run` keeps for `dense_head_grads`: the weights, the float32 input copies, the
+# activations before and after the dropout, the dropout's factors, and the call's settings.
+@dataclasses.dataclass(frozen=True)
+class DenseHeadSaved:
+    w1: torch.Tensor
+    w2: torch.Tensor
+    xf: torch.Tensor
+    act: torch.Tensor
+    dropped: torch.Tensor
+    factor: torch.Tensor
+    relu: bool
+    x_dtype: torch.dtype
+    biases: tuple[bool, bool]
+    parts: int
+    threads: int
+
+
+def dense_head_run(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    relu: bool,
+    p: float,
+) -> tuple[torch.Tensor, DenseHeadSaved]:
+    """dense_head_forward on x (B, in_f): the float32 logits (B, out_f) and what the backward
+    pass needs. Draws the dropout's seed as the Dropout module would (none when p = 0)."""
+    lib = native.library()
+    assert lib is not None
+    x, w1, w2 = x.contiguous(), w1.detach().contiguous(), w2.detach().contiguous()
+    b1 = b1.detach().contiguous() if b1 is not None else None
+    b2 = b2.detach().contiguous() if b2 is not None else None
+    (batch, in_f), hidden, out_f = x.shape, w1.shape[0], w2.shape[0]
+    threads = torch.get_num_threads()
+    parts = min(threads, _padded(hidden) // native.LANES)  # of the hidden units, per thread
+    xf = torch.empty(parts, batch, _padded(in_f))
+    act = torch.empty(batch, _padded(hidden))
+    dropped, factor = torch.empty_like(act), torch.empty_like(act)
+    logits = torch.empty(batch, out_f)
+    seed = _dropout_seed() if p > 0.0 else 0  # as the Dropout module draws it
+    _check(
+        lib.dense_head_forward(
+            _pointer(x),
+            int(x.dtype == torch.bfloat16),
+            batch,
+            in_f,
+            hidden,
+            out_f,
+            _pointer(w1),
+            _pointer(b1),
+            int(relu),
+            p,
+            seed,
+            _pointer(w2),
+            _pointer(b2),
+            parts,
+            *map(_pointer, (xf, act, dropped, factor, logits)),
+            threads,
+        )
+    )
+    biases = (b1 is not None, b2 is not None)
+    saved = DenseHeadSaved(w1, w2, xf, act, dropped, factor, relu, x.dtype, biases, parts, threads)
+    return logits, saved
+
+
+def dense_head_grads(
+    saved: DenseHeadSaved, grad_logits: torch.Tensor, input_grad: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """dense_head_backward: the gradients of x (with `input_grad`, in x's dtype), w1, b1, w2
+    and b2 (None for a missing bias) of the `dense_head_run` that gave `saved`."""
+    lib = native.library()
+    assert lib is not None
+    s = saved
+    grad = grad_logits.float().contiguous()
+    (hidden, in_f), batch, out_f = s.w1.shape, grad.shape[0], s.w2.shape[0]
+    grad_x = torch.empty(batch, in_f, dtype=s.x_dtype) if input_grad else None
+    grad_w1, grad_w2 = torch.empty_like(s.w1), torch.empty_like(s.w2)
+    grad_b1 = torch.empty(hidden) if s.biases[0] else None
+    grad_b2 = torch.empty(out_f) if s.biases[1] else None
+    _check(
+        lib.dense_head_backward(
+            _pointer(grad),
+            batch,
+            in_f,
+            hidden,
+            out_f,
+            _pointer(s.w1),
+            int(s.relu),
+            _pointer(s.w2),
+            s.parts,
+            *map(_pointer, (s.xf, s.act, s.dropped, s.factor, grad_x)),
+            int(s.x_dtype == torch.bfloat16),
+            *map(_pointer, (grad_w1, grad_b1, grad_w2, grad_b2)),
+            s.threads,
+        )
+    )
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
 class _DenseHead(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -957,75 +1108,16 @@ class _DenseHead(torch.autograd.Function):
         relu: bool,
         p: float,
     ) -> torch.Tensor:
-        lib = native.library()
-        assert lib is not None
-        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
-        b1 = b1.contiguous() if b1 is not None else None
-        b2 = b2.contiguous() if b2 is not None else None
-        (batch, in_f), hidden, out_f = x.shape, w1.shape[0], w2.shape[0]
-        threads = torch.get_num_threads()
-        parts = min(threads, _padded(hidden) // native.LANES)  # of the hidden units, per thread
-        xf = torch.empty(parts, batch, _padded(in_f))
-        act = torch.empty(batch, _padded(hidden))
-        dropped, factor = torch.empty_like(act), torch.empty_like(act)
-        logits = torch.empty(batch, out_f)
-        seed = _dropout_seed() if p > 0.0 else 0  # as the Dropout module draws it
-        _check(
-            lib.dense_head_forward(
-                _pointer(x),
-                int(x.dtype == torch.bfloat16),
-                batch,
-                in_f,
-                hidden,
-                out_f,
-                _pointer(w1),
-                _pointer(b1),
-                int(relu),
-                p,
-                seed,
-                _pointer(w2),
-                _pointer(b2),
-                parts,
-                *map(_pointer, (xf, act, dropped, factor, logits)),
-                threads,
-            )
-        )
-        ctx.save_for_backward(w1, w2, xf, act, dropped, factor)
-        ctx.relu, ctx.x_dtype, ctx.biases = relu, x.dtype, (b1 is not None, b2 is not None)
-        ctx.parts, ctx.threads = parts, threads
+        logits, ctx.saved = dense_head_run(x, w1, b1, w2, b2, relu, p)
+        ctx.save_for_backward(w1, w2)  # autograd's check that nothing changed them in place
         return logits
 
     @staticmethod
     def backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        lib = native.library()
-        assert lib is not None
-        w1, w2, xf, act, dropped, factor = ctx.saved_tensors
-        grad = grad_logits.float().contiguous()
-        (hidden, in_f), batch, out_f = w1.shape, grad.shape[0], w2.shape[0]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty(batch, in_f, dtype=ctx.x_dtype)
-        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
-        grad_b1 = torch.empty(hidden) if ctx.biases[0] else None
-        grad_b2 = torch.empty(out_f) if ctx.biases[1] else None
-        _check(
-            lib.dense_head_backward(
-                _pointer(grad),
-                batch,
-                in_f,
-                hidden,
-                out_f,
-                _pointer(w1),
-                int(ctx.relu),
-                _pointer(w2),
-                ctx.parts,
-                *map(_pointer, (xf, act, dropped, factor, grad_x)),
-                int(ctx.x_dtype == torch.bfloat16),
-                *map(_pointer, (grad_w1, grad_b1, grad_w2, grad_b2)),
-                ctx.threads,
-            )
-        )
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+        ctx.saved_tensors  # noqa: B018  (raises if the weights changed since the forward pass)
+        grads = dense_head_grads(ctx.saved, grad_logits, ctx.needs_input_grad[0])
+        del ctx.saved
+        return *grads, None, None
 
 
 def dense_head(

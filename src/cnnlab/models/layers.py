@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cnnlab.errors import ModelSpecError, did_you_mean, unknown_name
-from cnnlab.models import fused
+from cnnlab.models import chain, fused
 
 Shape = tuple[int, ...]  # one image's tensor shape, channels first: (C, H, W) or (features,)
 # The dict form of one layer: {"Conv2D": {"filters": 32, "kernel_size": [3, 3]}}
@@ -934,6 +934,8 @@ class LayerStack(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self)
         i = 0
+        if (prefix := chain.chain_prefix(self, modules, x)) is not None:
+            x, i = prefix(x), prefix.modules
         while i < len(modules):
             module, following = modules[i], modules[i + 1] if i + 1 < len(modules) else None
             if (
@@ -1001,8 +1003,19 @@ class LayerStack(nn.Sequential):
         modules: list[nn.Module], i: int, x: torch.Tensor
     ) -> tuple[torch.Tensor, int] | None:
         """The Dense, optional Dropout and Dense at modules[i:] as one `fused.dense_head` where
-        both Dense layers are small enough to run in float32 (FP32_DENSE_MAX_WEIGHTS) and it
-        fits: the output and how many modules ran; None elsewhere."""
+        `dense_head_at` finds them: the output and how many modules ran; None elsewhere."""
+        found = LayerStack.dense_head_at(modules, i, x)
+        if found is None:
+            return None
+        first, dropout, second = found
+        return fused.dense_head(first, dropout, second, x), 2 if dropout is None else 3
+
+    @staticmethod
+    def dense_head_at(
+        modules: list[nn.Module], i: int, x: torch.Tensor
+    ) -> tuple[KerasDense, KerasDropout | None, KerasDense] | None:
+        """The Dense, optional Dropout and Dense at modules[i:] where both Dense layers are small
+        enough to run in float32 (FP32_DENSE_MAX_WEIGHTS) and `fused.dense_head_fits` x."""
         first, dropout, second = [*modules[i : i + 3], None, None, None][:3]
         if not isinstance(dropout, KerasDropout):
             dropout, second = None, dropout
@@ -1014,7 +1027,7 @@ class LayerStack(nn.Sequential):
             and fused.dense_head_fits(first, dropout, second, x)
         ):
             return None
-        return fused.dense_head(first, dropout, second, x), 2 if dropout is None else 3
+        return first, dropout, second
 
     @staticmethod
     def _conv_pool_dropout(

@@ -1,0 +1,413 @@
+"""A model's first layers in training as one autograd Function of C kernel calls (`chain_prefix`).
+
+`LayerStack` runs each fused block of a small CNN (cnnlab.models.fused) as its own autograd
+Function, and checks before each one whether it still fits: for `tiny` that is three Functions,
+three sets of gates and the autograd nodes between them. On a 2-core CPU that Python costs as
+much as the C kernels themselves (half of a 2.4 ms `tiny` step). Here the run of blocks at the
+start of a model is planned once per input shape and setting (`Chain`, cached per model) and
+runs as one Function: its forward pass calls the kernels one after the other, its backward pass
+calls their gradients in reverse order, and nothing else runs between them.
+
+The stages, in the order a chain may take them:
+- `FirstBlock`: Conv2D on few channels and its MaxPool2D (`fused.conv_pool_run`), writing the
+  next conv's bottom and right padding where that conv pads only there;
+- `WinnersBlock` (under bf16 autocast, with AVX512-BF16): a Conv2D, its MaxPool2D, the deferred
+  ReLU and an optional Dropout in the bf16 conv-pool kernel, the gradients from the pool's
+  winners (`fused.winners_grads`);
+- `FlattenStage`: Keras' channels-last flatten, a view;
+- `DenseHeadStage`: Dense, optional Dropout, Dense in float32 (`fused.dense_head_run`).
+A chain starts with a first block and takes at least two kernel stages; the layers after it run
+as they did. It takes a block only where the blocks one by one would run the same kernels on
+it, and draws dropout seeds in the same order, so logits and gradients are bit for bit the
+blocks' (tests/test_models_chain.py). `tiny`'s training steps: 1.10-1.13x faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab import native
+from cnnlab.models import fused
+
+if TYPE_CHECKING:  # layers.py imports this module
+    from cnnlab.models.layers import KerasConv2D, KerasDense, KerasMaxPool2D
+
+Pad = tuple[int, int, int, int]  # (left, right, top, bottom), as F.pad takes it
+Grads = list[torch.Tensor | None]
+MIN_KERNEL_STAGES = 2  # one kernel stage alone is what its own Function already does
+BF16 = torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstBlock:
+    """Conv2D and MaxPool2D on the model's input (which takes no gradient); the geometry's
+    out_rows and out_cols may exceed the pooled size by the next conv's bottom and right
+    padding, which the kernel writes as zeros."""
+
+    conv: KerasConv2D
+    geometry: native.ConvPoolGeometry
+    out_dtype: torch.dtype
+
+    @property
+    def params(self) -> tuple[torch.Tensor | None, ...]:
+        return self.conv.weight, self.conv.bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        train = any(p is not None and p.requires_grad for p in self.params)
+        y, x_nhwc, argmax = fused.conv_pool_run(
+            x, self.conv.weight, self.conv.bias, self.geometry, self.out_dtype, train
+        )
+        return y, (x_nhwc, argmax)
+
+    def backward(self, saved: Any, grad: torch.Tensor, input_grad: bool) -> tuple[None, Grads]:
+        x_nhwc, argmax = saved
+        if argmax is None:  # frozen
+            return None, [None, None]
+        has_bias = self.conv.bias is not None
+        weight, bias = fused.conv_pool_grads(self.geometry, x_nhwc, argmax, grad, has_bias)
+        return None, [weight, bias]
+
+
+@dataclasses.dataclass(frozen=True)
+class WinnersBlock:
+    """Conv2D (on its input padded by `pad`), MaxPool2D, the ReLU the pool applies (or none) and
+    the Dropout after them (p = 0 for none), in bf16."""
+
+    conv: KerasConv2D
+    geometry: native.ConvPoolGeometry
+    pad: Pad
+    relu: bool
+    dropout: nn.Dropout | None
+
+    @property
+    def params(self) -> tuple[torch.Tensor | None, ...]:
+        return self.conv.weight, self.conv.bias
+
+    @property
+    def p(self) -> float:
+        return self.dropout.p if self.dropout is not None else 0.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x_in = F.pad(x, self.pad) if any(self.pad) else x
+        x_in = x_in.contiguous(memory_format=torch.channels_last)
+        weight, bias = self.conv.weight, self.conv.bias
+        y, code = fused.conv_pool_act_dropout_bf16(
+            x_in, weight, bias, self.geometry, self.relu, self.p
+        )
+        return y, (x_in, code, x.shape)
+
+    def backward(
+        self, saved: Any, grad: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor | None, Grads]:
+        x_in, code, in_shape = saved
+        grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        weight = self.conv.weight.detach().to(BF16)  # as autocast's conv would multiply by it
+        has_bias = self.conv.bias is not None
+        grad_x, grad_w, grad_b = fused.winners_grads(
+            self.geometry,
+            x_in,
+            weight,
+            grad,
+            code,
+            self.p,
+            input_grad=input_grad,
+            has_bias=has_bias,
+        )
+        if grad_x is not None and any(self.pad):
+            left, _, top, _ = self.pad
+            grad_x = grad_x[:, :, top : top + in_shape[2], left : left + in_shape[3]]
+        return grad_x, [grad_w, grad_b]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenStage:
+    """Keras' Flatten, (B, C, H, W) -> (B, H*W*C): a view of a channels_last tensor."""
+
+    @property
+    def params(self) -> tuple[torch.Tensor | None, ...]:
+        return ()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return x.permute(0, 2, 3, 1).flatten(1), x.shape
+
+    def backward(self, saved: Any, grad: torch.Tensor, input_grad: bool) -> tuple[Any, Grads]:
+        batch, channels, height, width = saved
+        return grad.view(batch, height, width, channels).permute(0, 3, 1, 2), []
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseHeadStage:
+    """Dense (ReLU or none), an optional Dropout and Dense, in float32: float32 logits."""
+
+    first: KerasDense
+    dropout: nn.Dropout | None
+    second: KerasDense
+
+    @property
+    def params(self) -> tuple[torch.Tensor | None, ...]:
+        return self.first.weight, self.first.bias, self.second.weight, self.second.bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        relu = type(self.first.act) is nn.ReLU
+        p = self.dropout.p if self.dropout is not None else 0.0
+        return fused.dense_head_run(x, *self.params, relu, p)
+
+    def backward(
+        self, saved: Any, grad: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor | None, Grads]:
+        grad_x, *grads = fused.dense_head_grads(saved, grad, input_grad)
+        return grad_x, grads
+
+
+Stage = FirstBlock | WinnersBlock | FlattenStage | DenseHeadStage
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Stages that run `modules` layers of a model as one Function."""
+
+    stages: tuple[Stage, ...]
+    modules: int
+
+    @property
+    def params(self) -> list[torch.Tensor | None]:
+        return [p for stage in self.stages for p in stage.params]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _ChainFunction.apply(x, self, *self.params)
+
+
+class _ChainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, chain: Chain, *params: Any) -> torch.Tensor:  # type: ignore[override]
+        saved = []
+        for stage in chain.stages:
+            x, kept = stage.forward(x)
+            saved.append(kept)
+        ctx.chain, ctx.kept = chain, saved
+        ctx.save_for_backward(*(p for p in params if p is not None))  # in-place change checks
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        ctx.saved_tensors  # noqa: B018  (raises if a weight changed since the forward pass)
+        stages, kept = ctx.chain.stages, ctx.kept
+        grads: Grads = []
+        for k in reversed(range(len(stages))):
+            input_grad = k > 0 or ctx.needs_input_grad[0]
+            grad, stage_grads = stages[k].backward(kept[k], grad, input_grad)
+            grads[:0] = stage_grads
+        del ctx.kept
+        needed = ctx.needs_input_grad[2:]
+        return grad, None, *(g if need else None for g, need in zip(grads, needed, strict=True))
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def _stand_in(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of the shape, dtype and layout a stage outputs, for the gates that look at one."""
+    if len(shape) == 4:
+        return torch.empty(tuple(shape), dtype=dtype, memory_format=torch.channels_last)
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+def _conv_and_pool(
+    modules: Sequence[nn.Module], i: int, shape: Sequence[int]
+) -> tuple[KerasConv2D, KerasMaxPool2D, Pad] | None:
+    """The Conv2D and MaxPool2D at modules[i:] and the padding the conv's input needs there (its
+    uneven 'same' padding less what the pool never reads), for an input of this shape."""
+    from cnnlab.models.layers import KerasConv2D, KerasMaxPool2D
+
+    conv, pool = [*modules[i : i + 2], None, None][:2]
+    if not (isinstance(conv, KerasConv2D) and isinstance(pool, KerasMaxPool2D)):
+        return None
+    pad = conv.pad_for_pool(pool, shape[2], shape[3]) or conv.uneven_pad or (0, 0, 0, 0)
+    return conv, pool, pad
+
+
+def _winners_block(
+    modules: Sequence[nn.Module], i: int, shape: Sequence[int], padded: bool
+) -> tuple[WinnersBlock, int, tuple[int, ...]] | None:
+    """The WinnersBlock at modules[i:] on a bf16 input of this shape (which already carries the
+    conv's padding where `padded`): the stage, how many modules it takes and its output shape.
+    None unless the blocks one by one would run the same kernels on these layers (the bf16
+    conv-pool kernel, its ReLU and dropout, and `winners_backward`), so that the chain changes
+    how they are called and nothing else."""
+    from cnnlab.models.layers import KerasDropout
+
+    found = _conv_and_pool(modules, i, shape)
+    if found is None:
+        return None
+    conv, pool, pad = found
+    dropout = modules[i + 2] if i + 2 < len(modules) else None
+    if not isinstance(dropout, KerasDropout):
+        dropout = None
+    batch, channels, height, width = shape
+    x = _stand_in(shape, BF16).requires_grad_()
+    p = dropout.p if dropout is not None and dropout.training else 0.0
+    if padded:
+        pad = (0, 0, 0, 0)
+    padded_x = _stand_in((batch, channels, height + pad[2] + pad[3], width + pad[0] + pad[1]), BF16)
+    act = pool.deferred_act
+    if not (
+        conv.training
+        and pool.training
+        and (act is None or type(act) is nn.ReLU)
+        and fused.winners_fit(conv, pool)
+        and fused.bf16_conv_pool_fits(conv)
+        and (
+            fused.conv_pool_dropout_fits(conv, pool, dropout, x, pad)  # type: ignore[arg-type]
+            if p > 0.0
+            else fused.pooled_grad_fits(conv, pool, padded_x.requires_grad_())
+        )
+    ):
+        return None
+    geometry = fused._block_geometry(conv, pool, padded_x.shape, (0, 0), (0, 0))
+    stage = WinnersBlock(conv, geometry, pad, act is not None, dropout if p > 0.0 else None)
+    out = (batch, geometry.out_c, geometry.pool_h, geometry.pool_w)
+    return stage, 2 if dropout is None else 3, out
+
+
+def _written_padding(modules: Sequence[nn.Module], shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, columns) of zeros the first block can write below and to the right of its output
+    of this shape for a WinnersBlock after it, whose conv pads only there; (0, 0) elsewhere."""
+    found = _conv_and_pool(modules, 2, shape)
+    if found is None:
+        return 0, 0
+    left, right, top, bottom = found[2]
+    if left or top or not (right or bottom) or _winners_block(modules, 2, shape, False) is None:
+        return 0, 0
+    return bottom, right
+
+
+def _dense_head(
+    modules: Sequence[nn.Module], i: int, shape: Sequence[int], dtype: torch.dtype
+) -> tuple[DenseHeadStage, int] | None:
+    """The DenseHeadStage at modules[i:] on an input of this shape and dtype, and how many
+    modules it takes; None where it does not fit."""
+    from cnnlab.models.layers import LayerStack
+
+    x = _stand_in(shape, dtype).requires_grad_()
+    found = LayerStack.dense_head_at(list(modules), i, x)
+    if found is None:
+        return None
+    first, dropout, second = found
+    return DenseHeadStage(first, dropout, second), 2 if dropout is None else 3
+
+
+def plan(modules: Sequence[nn.Module], x: torch.Tensor) -> Chain | None:
+    """The chain for a training step of these layers on x, or None where none fits."""
+    from cnnlab.models.layers import KerasConv2D, KerasFlatten, KerasMaxPool2D
+
+    conv, pool = [*modules[:2], None, None][:2]
+    if not (
+        isinstance(conv, KerasConv2D)
+        and isinstance(pool, KerasMaxPool2D)
+        and torch.is_grad_enabled()
+        and fused.fusable(conv, pool)
+        and fused.fusable_now(conv, pool, x)
+    ):
+        return None
+    bf16 = fused._bf16_autocast()
+    dtype = BF16 if bf16 else torch.float32
+    geometry = fused._geometry(conv, pool, x, (0, 0))
+    shape: tuple[int, ...] = (x.shape[0], geometry.out_c, geometry.pool_h, geometry.pool_w)
+    written = _written_padding(modules, shape) if bf16 else (0, 0)
+    if any(written):
+        geometry = fused._geometry(conv, pool, x, written)
+        shape = (*shape[:2], geometry.out_rows, geometry.out_cols)
+    stages: list[Stage] = [FirstBlock(conv, geometry, dtype)]
+    i, kernel_stages = 2, 1
+    while i < len(modules):
+        block = _winners_block(modules, i, shape, i == 2 and any(written)) if bf16 else None
+        if block is not None:
+            stage, taken, shape = block
+            stages.append(stage)
+            i, kernel_stages = i + taken, kernel_stages + 1
+        elif isinstance(modules[i], KerasFlatten) and len(shape) == 4:
+            stages.append(FlattenStage())
+            shape, i = (shape[0], shape[1] * shape[2] * shape[3]), i + 1
+        else:
+            head = _dense_head(modules, i, shape, dtype) if len(shape) == 2 else None
+            if head is not None:
+                stages.append(head[0])
+                i, kernel_stages = i + head[1], kernel_stages + 1
+            break
+    if isinstance(stages[-1], FlattenStage):  # a view: nothing gained by ending on it
+        stages.pop()
+        i -= 1
+    if kernel_stages < MIN_KERNEL_STAGES:
+        return None
+    return Chain(tuple(stages), i)
+
+
+@dataclasses.dataclass
+class _StackPlans:
+    """A LayerStack's plans and what their keys read, gathered once per set of layers."""
+
+    layers: tuple[nn.Module, ...]
+    modules: tuple[nn.Module, ...]  # the layers and every module inside them
+    params: tuple[torch.Tensor, ...]
+    rates: tuple[nn.Module, ...]  # the layers with a dropout rate
+    plans: dict[tuple, Chain | None] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layers: Sequence[nn.Module]) -> _StackPlans:
+        modules = tuple(m for layer in layers for m in layer.modules())
+        params = tuple(p for layer in layers for p in layer.parameters())
+        rates = tuple(m for m in modules if isinstance(getattr(m, "p", None), float))
+        return cls(tuple(layers), modules, params, rates)
+
+    def key(self, x: torch.Tensor) -> tuple:
+        """What a plan depends on that can change between calls: the input, autocast, the kernels
+        built, and each layer's mode, trainable parameters and dropout rate."""
+        return (
+            x.shape,
+            x.dtype,
+            x.is_cpu,
+            x.requires_grad,
+            fused._bf16_autocast(),
+            id(native.library()),
+            tuple([m.training for m in self.modules]),
+            tuple([p.requires_grad for p in self.params]),
+            tuple([m.p for m in self.rates]),  # type: ignore[misc]
+        )
+
+    def watched(self, count: int) -> bool:
+        """Whether a hook watches any of the first `count` layers (or every module), or something
+        traces or compiles the call."""
+        modules = self.modules if count == len(self.layers) else self._modules_of(count)
+        return not fused.unwatched(*modules)
+
+    def _modules_of(self, count: int) -> tuple[nn.Module, ...]:
+        return tuple(m for layer in self.layers[:count] for m in layer.modules())
+
+
+# Per LayerStack, weakly held: a model that is gone takes its plans with it.
+_stacks: weakref.WeakKeyDictionary[nn.Module, _StackPlans] = weakref.WeakKeyDictionary()
+
+
+def chain_prefix(stack: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor) -> Chain | None:
+    """The chain to run at the start of `stack` (a LayerStack of these layers) on x in this
+    training step, or None: planned once per `_StackPlans.key`, and only taken while nothing
+    watches or traces the layers it runs."""
+    if not (stack.training and torch.is_grad_enabled()):
+        return None
+    entry = _stacks.get(stack)
+    if entry is None or entry.layers != tuple(layers):
+        entry = _stacks[stack] = _StackPlans.of(layers)
+    key = entry.key(x)
+    chain = entry.plans.get(key, False)
+    if chain is False:
+        chain = entry.plans[key] = plan(layers, x)
+    if chain is None or entry.watched(chain.modules):
+        return None
+    return chain
