@@ -12,6 +12,8 @@ AVX512-BF16):
   - tiny's second conv (kernel rows of 24 values) through winners_backward, against the C
     weight and input gradients that sum over every window (pooled_weight_grad, pooled_input_grad)
   - tiny's head (Dense, Dropout, Dense) in one C call each way, against the modules
+  - the first fused blocks as one autograd Function (cnnlab.models.chain), against the blocks
+    one by one; every other training lever is measured with the blocks one by one
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
   - optimizer steps through cnnlab's Updater, against torch.optim's zero_grad and step
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
@@ -45,7 +47,15 @@ import cnnlab.inference
 import cnnlab.models.folding
 from cnnlab.benchmark import Stepper
 from cnnlab.inference import Preprocessing, predict_logits
-from cnnlab.models import Activation, BatchNormalization, Conv2D, MaxPool2D, fused, preset_layers
+from cnnlab.models import (
+    Activation,
+    BatchNormalization,
+    Conv2D,
+    MaxPool2D,
+    chain,
+    fused,
+    preset_layers,
+)
 from cnnlab.models.folding import inference_copy
 from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
 from cnnlab.training.optimizers import Updater
@@ -70,6 +80,7 @@ def variant(
     pad_pass: bool = False,
     whole_vector_winners: bool = False,
     module_head: bool = False,
+    per_block: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -113,6 +124,8 @@ def variant(
         stepper.step = functools.partial(with_whole_vector_winners, stepper.step)  # type: ignore[method-assign]
     if module_head:  # Dense, Dropout and Dense as modules, as before the twenty-second session
         stepper.step = functools.partial(with_module_head, stepper.step)  # type: ignore[method-assign]
+    if per_block:  # each fused block its own Function, as before the twenty-third session
+        stepper.step = functools.partial(block_by_block, stepper.step)  # type: ignore[method-assign]
     return stepper
 
 
@@ -171,6 +184,16 @@ def with_module_head(step: Callable[[], object]) -> object:
         fused.dense_head_fits = dense_head_fits
 
 
+def block_by_block(step: Callable[[], object]) -> object:
+    """A step without cnnlab.models.chain: each fused block runs as its own Function."""
+    chain_prefix = chain.chain_prefix
+    chain.chain_prefix = lambda *args: None
+    try:
+        return step()
+    finally:
+        chain.chain_prefix = chain_prefix
+
+
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:
     if not module.training:
         return x
@@ -207,6 +230,7 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("first block writes the next conv's padding", {}, {"pad_pass": True}),
         ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
         ("Dense, Dropout, Dense in one C call each way", {}, {"module_head": True}),
+        ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -220,8 +244,12 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
             continue
         if lever.startswith(("winners'", "Dense,")) and preset != "tiny":
             continue
+        if lever.startswith("chain") and preset not in ("tiny", "basic", "dropout"):
+            continue
         if lever.startswith("dropout") and preset == "tiny":  # its Dropout is in the C head:
             on, off = {**on, "module_head": True}, {**off, "module_head": True}  # as modules
+        if not lever.startswith("chain"):  # each lever on its own: the blocks one by one
+            on, off = {**on, "per_block": True}, {**off, "per_block": True}
         kept, base = variant(preset, **on), variant(preset, **off)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
         rows.append(_row(preset, f"train step: {lever}", ms["off"], ms["on"], "ms"))
