@@ -322,3 +322,23 @@ def test_training_with_the_chain_gives_the_blocks_weights(bf16_kernels, squares)
         return state_hash(model.state_dict())
 
     assert trained(True) == trained(False)
+
+
+def test_the_plan_follows_replaced_and_converted_parameters(bf16_kernels):
+    """Plans are cached per model, keyed by what they depend on: a parameter replaced or
+    converted to another dtype plans afresh."""
+    model, x = preset_model("tiny"), torch.randn(4, *SHAPE)
+
+    def current_stages() -> list[str]:
+        with torch.autocast("cpu", torch.bfloat16):
+            found = chain.chain_prefix(model.layers, list(model.layers), x)
+        return [type(stage).__name__ for stage in found.stages] if found is not None else []
+
+    assert current_stages() == ["FirstBlock", "WinnersBlock", "FlattenStage", "DenseHeadStage"]
+    conv = model.layers[2]
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5, requires_grad=False)
+    assert current_stages() == []  # the new weight is frozen: the blocks run one by one
+    conv.weight.requires_grad_(True)
+    assert assert_same_pass(model, x) == 1
+    model.layers[7].double()  # the head's second Dense: no float32 head any more
+    assert current_stages() == ["FirstBlock", "WinnersBlock"]

@@ -25,6 +25,7 @@ blocks' (tests/test_models_chain.py). `tiny`'s training steps: 1.10-1.13x faster
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -351,24 +352,34 @@ def plan(modules: Sequence[nn.Module], x: torch.Tensor) -> Chain | None:
 
 @dataclasses.dataclass
 class _StackPlans:
-    """A LayerStack's plans and what their keys read, gathered once per set of layers."""
+    """A LayerStack's plans and the modules their keys read, gathered once per set of layers."""
 
     layers: tuple[nn.Module, ...]
-    modules: tuple[nn.Module, ...]  # the layers and every module inside them
-    params: tuple[torch.Tensor, ...]
-    rates: tuple[nn.Module, ...]  # the layers with a dropout rate
+    modules: tuple[tuple[nn.Module, ...], ...]  # per layer: the layer and every module inside it
     plans: dict[tuple, Chain | None] = dataclasses.field(default_factory=dict)
+    _watched: dict[int, tuple[nn.Module, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, layers: Sequence[nn.Module]) -> _StackPlans:
-        modules = tuple(m for layer in layers for m in layer.modules())
-        params = tuple(p for layer in layers for p in layer.parameters())
-        rates = tuple(m for m in modules if isinstance(getattr(m, "p", None), float))
-        return cls(tuple(layers), modules, params, rates)
+        return cls(tuple(layers), tuple(tuple(layer.modules()) for layer in layers))
+
+    @functools.cached_property
+    def _all(self) -> tuple[nn.Module, ...]:
+        return tuple(m for layer in self.modules for m in layer)
+
+    @functools.cached_property
+    def _rates(self) -> tuple[nn.Module, ...]:
+        return tuple(m for m in self._all if isinstance(getattr(m, "p", None), float))
+
+    @functools.cached_property
+    def _parameter_dicts(self) -> tuple[dict[str, Any], ...]:
+        return tuple(m._parameters for m in self._all)
 
     def key(self, x: torch.Tensor) -> tuple:
         """What a plan depends on that can change between calls: the input, autocast, the kernels
-        built, and each layer's mode, trainable parameters and dropout rate."""
+        built, each module's mode and dropout rate, and its parameters (which tensors, whether
+        they train, their dtypes and devices)."""
+        params = [p for d in self._parameter_dicts for p in d.values() if p is not None]
         return (
             x.shape,
             x.dtype,
@@ -376,19 +387,26 @@ class _StackPlans:
             x.requires_grad,
             fused._bf16_autocast(),
             id(native.library()),
-            tuple([m.training for m in self.modules]),
-            tuple([p.requires_grad for p in self.params]),
-            tuple([m.p for m in self.rates]),  # type: ignore[misc]
+            tuple([m.training for m in self._all]),
+            tuple([m.p for m in self._rates]),  # type: ignore[misc]
+            tuple(map(id, params)),
+            tuple([p.requires_grad for p in params]),
+            tuple([p.dtype for p in params]),
+            tuple([p.is_cpu for p in params]),
         )
 
     def watched(self, count: int) -> bool:
-        """Whether a hook watches any of the first `count` layers (or every module), or something
-        traces or compiles the call."""
-        modules = self.modules if count == len(self.layers) else self._modules_of(count)
+        """Whether a hook watches any of the first `count` layers or a module inside them (or
+        every module), or something traces or compiles the call."""
+        modules = self._watched.get(count)
+        if modules is None:
+            modules = self._watched[count] = tuple(
+                m for layer in self.modules[:count] for m in layer
+            )
         return not fused.unwatched(*modules)
 
-    def _modules_of(self, count: int) -> tuple[nn.Module, ...]:
-        return tuple(m for layer in self.layers[:count] for m in layer.modules())
+
+MAX_PLANS = 64  # per model: input shapes and settings seen; more are planned afresh
 
 
 # Per LayerStack, weakly held: a model that is gone takes its plans with it.
@@ -407,6 +425,8 @@ def chain_prefix(stack: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor)
     key = entry.key(x)
     chain = entry.plans.get(key, False)
     if chain is False:
+        if len(entry.plans) >= MAX_PLANS:
+            entry.plans.clear()
         chain = entry.plans[key] = plan(layers, x)
     if chain is None or entry.watched(chain.modules):
         return None
