@@ -285,3 +285,17 @@ def test_dense_head_takes_weights_in_any_layout(kernels):
     assert seen[3] == 1
     assert torch.equal(seen[0], expected[0])
     assert all(torch.equal(seen[1][name], expected[1][name]) for name in expected[1])
+
+
+def test_a_dropout_in_evaluation_mode_leaves_the_head_to_the_modules(kernels):
+    """A Dropout switched to eval() inside a training model drops nothing; the C head would
+    apply its rate, so the modules run."""
+    torch.manual_seed(4)
+    model = head_model(20, 32, 6, relu=True, p=0.5)
+    model.layers[2].eval()
+    x = torch.randn(7, 20, 1, 1)
+    logits, grads, _, calls, _ = run_head(model, x, use_kernel=True)
+    ref_logits, ref_grads, _, _, _ = run_head(model, x, use_kernel=False)
+    assert calls == 0
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)

@@ -967,7 +967,8 @@ def dense_head_fits(
 ) -> bool:
     """Whether `dense_head` can take Dense `first`, the Dropout after it (or None) and Dense
     `second` on x: in training with autograd, x a (batch, features) float32 or bf16 CPU tensor,
-    `first` with a ReLU or no activation, `second` with none (a final softmax is stripped),
+    `first` with a ReLU or no activation, `second` with none (a final softmax is stripped), a
+    Dropout in training (the head would drop values that one in eval() keeps) with 0 <= p < 1,
     float32 weights that all train, and nothing watching or tracing the modules."""
     shapes_fit = (
         first.training
@@ -980,7 +981,7 @@ def dense_head_fits(
         and second.in_features == first.out_features
         and type(first.act) in (nn.ReLU, nn.Identity)
         and type(second.act) is nn.Identity
-        and (dropout is None or 0.0 <= dropout.p < 1.0)
+        and (dropout is None or (dropout.training and 0.0 <= dropout.p < 1.0))
     )
     if not shapes_fit:
         return False
