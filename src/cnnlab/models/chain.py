@@ -271,7 +271,7 @@ def _winners_block(
         )
     ):
         return None
-    geometry = fused._block_geometry(conv, pool, padded_x.shape, (0, 0), (0, 0))
+    geometry = fused.block_geometry(conv, pool, padded_x.shape, (0, 0), (0, 0))
     stage = WinnersBlock(conv, geometry, pad, act is not None, dropout if p > 0.0 else None)
     out = (batch, geometry.out_c, geometry.pool_h, geometry.pool_w)
     return stage, 2 if dropout is None else 3, out
@@ -317,13 +317,13 @@ def plan(modules: Sequence[nn.Module], x: torch.Tensor) -> Chain | None:
         and fused.fusable_now(conv, pool, x)
     ):
         return None
-    bf16 = fused._bf16_autocast()
+    bf16 = fused.bf16_autocast()
     dtype = BF16 if bf16 else torch.float32
-    geometry = fused._geometry(conv, pool, x, (0, 0))
+    geometry = fused.first_block_geometry(conv, pool, x, (0, 0))
     shape: tuple[int, ...] = (x.shape[0], geometry.out_c, geometry.pool_h, geometry.pool_w)
     written = _written_padding(modules, shape) if bf16 else (0, 0)
     if any(written):
-        geometry = fused._geometry(conv, pool, x, written)
+        geometry = fused.first_block_geometry(conv, pool, x, written)
         shape = (*shape[:2], geometry.out_rows, geometry.out_cols)
     stages: list[Stage] = [FirstBlock(conv, geometry, dtype)]
     i, kernel_stages = 2, 1
@@ -385,7 +385,7 @@ class _StackPlans:
             x.dtype,
             x.is_cpu,
             x.requires_grad,
-            fused._bf16_autocast(),
+            fused.bf16_autocast(),
             id(native.library()),
             tuple([m.training for m in self._all]),
             tuple([m.p for m in self._rates]),  # type: ignore[misc]

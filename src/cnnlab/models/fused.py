@@ -151,18 +151,20 @@ def fusable_now(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -> boo
     )
 
 
-def _geometry(
+def first_block_geometry(
     conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor, pad_after: tuple[int, int]
 ) -> native.ConvPoolGeometry:
+    """The geometry of `conv_pool` for this `fusable` pair on x, its output padded by
+    pad_after (rows, columns) below and to the right."""
     top, left = _padding(conv)
     if conv.uneven_pad is not None:
         pad_h, pad_w = top + conv.uneven_pad[3], left + conv.uneven_pad[1]
     else:
         pad_h, pad_w = 2 * top, 2 * left
-    return _block_geometry(conv, pool, x.shape, (top, left), (pad_h, pad_w), pad_after)
+    return block_geometry(conv, pool, x.shape, (top, left), (pad_h, pad_w), pad_after)
 
 
-def _block_geometry(
+def block_geometry(
     conv: KerasConv2D,
     pool: KerasMaxPool2D,
     shape: torch.Size,
@@ -201,7 +203,7 @@ def _padded(values: int) -> int:
     return -(-values // native.LANES) * native.LANES
 
 
-def _bf16_autocast() -> bool:
+def bf16_autocast() -> bool:
     """Whether CPU autocast to bf16 is on here."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
@@ -303,10 +305,10 @@ def conv_pool(
     is bf16 under CPU bf16 autocast (as the conv's would be), else float32; channels_last.
     With pad_after = (rows, columns) it comes zero-padded below and to the right by as many:
     the uneven 'same' padding of a next conv (see `bottom_right_pad`), without a pad pass."""
-    out_dtype = torch.bfloat16 if _bf16_autocast() else torch.float32
+    out_dtype = torch.bfloat16 if bf16_autocast() else torch.float32
     parameters = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
     train = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
-    geometry = _geometry(conv, pool, x, pad_after)
+    geometry = first_block_geometry(conv, pool, x, pad_after)
     return _ConvPool.apply(x, conv.weight, conv.bias, geometry, out_dtype, train)
 
 
@@ -650,11 +652,11 @@ class _ConvPoolDropout(torch.autograd.Function):
         pool: KerasMaxPool2D,
         p: float,
     ) -> torch.Tensor:
-        dtype = torch.bfloat16 if _bf16_autocast() else x.dtype
+        dtype = torch.bfloat16 if bf16_autocast() else x.dtype
         x_in = x.to(dtype).contiguous(memory_format=torch.channels_last)
         w = weight.to(dtype)
         relu = pool.deferred_act is not None
-        g = _block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
+        g = block_geometry(conv, pool, x_in.shape, (0, 0), (0, 0))
         if dtype == torch.bfloat16 and bf16_conv_pool_fits(conv):
             pooled, code = conv_pool_act_dropout_bf16(x_in, weight, bias, g, relu, p)
         else:
@@ -780,11 +782,11 @@ class _ConvThenPool(torch.autograd.Function):
         lib = native.library()
         assert lib is not None
         padded = torch.nn.functional.pad(x, conv.uneven_pad) if conv.uneven_pad else x
-        dtype = torch.bfloat16 if _bf16_autocast() else x.dtype
+        dtype = torch.bfloat16 if bf16_autocast() else x.dtype
         padded = padded.to(dtype).contiguous(memory_format=torch.channels_last)
         w = weight.to(dtype)
         top, left = (int(p) for p in conv.padding)  # type: ignore[union-attr]
-        g = _block_geometry(conv, pool, padded.shape, (top, left), (2 * top, 2 * left))
+        g = block_geometry(conv, pool, padded.shape, (top, left), (2 * top, 2 * left))
         batch = padded.shape[0]
         is_bf16 = int(dtype == torch.bfloat16)
         shape = (batch, g.conv_h, g.conv_w, g.out_c, g.pool_h, g.pool_w)
