@@ -119,13 +119,25 @@ def variant(
     if onednn_conv_grads:  # the gates are module settings: closed for this stepper's steps only
         stepper.step = functools.partial(without_conv_then_pool, stepper.step)  # type: ignore[method-assign]
     if pad_pass:  # the next conv pads its input itself (F.pad), as before the fourteenth session
-        stepper.step = functools.partial(with_pad_pass, stepper.step)  # type: ignore[method-assign]
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, fused, "bottom_right_pad", lambda conv: None, stepper.step
+        )
     if whole_vector_winners:  # winners_backward as before the twenty-first session
-        stepper.step = functools.partial(with_whole_vector_winners, stepper.step)  # type: ignore[method-assign]
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step,
+            fused,
+            "winners_fit",
+            on_whole_vectors(fused.winners_fit),
+            stepper.step,
+        )
     if module_head:  # Dense, Dropout and Dense as modules, as before the twenty-second session
-        stepper.step = functools.partial(with_module_head, stepper.step)  # type: ignore[method-assign]
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, fused, "dense_head_fits", lambda *args: False, stepper.step
+        )
     if per_block:  # each fused block its own Function, as before the twenty-third session
-        stepper.step = functools.partial(block_by_block, stepper.step)  # type: ignore[method-assign]
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, chain, "chain_prefix", lambda *args: None, stepper.step
+        )
     return stepper
 
 
@@ -155,43 +167,19 @@ def without_conv_then_pool(step: Callable[[], object]) -> object:
         fused.conv_pool_dropout_fits = conv_pool_dropout_fits
 
 
-def with_pad_pass(step: Callable[[], object]) -> object:
-    bottom_right_pad = fused.bottom_right_pad
-    fused.bottom_right_pad = lambda conv: None
+def patched_step(owner: object, name: str, value: object, step: Callable[[], object]) -> object:
+    """step() with owner.name set to value, restored afterwards."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         return step()
     finally:
-        fused.bottom_right_pad = bottom_right_pad
+        setattr(owner, name, original)
 
 
-def with_whole_vector_winners(step: Callable[[], object]) -> object:
-    """A step where winners_backward takes only convs on whole vectors of input channels."""
-    winners_fit = fused.winners_fit
-    fused.winners_fit = lambda conv, pool: conv.in_channels % 16 == 0 and winners_fit(conv, pool)
-    try:
-        return step()
-    finally:
-        fused.winners_fit = winners_fit
-
-
-def with_module_head(step: Callable[[], object]) -> object:
-    """A step where the Dense layers and the Dropout between them run as modules."""
-    dense_head_fits = fused.dense_head_fits
-    fused.dense_head_fits = lambda *args: False
-    try:
-        return step()
-    finally:
-        fused.dense_head_fits = dense_head_fits
-
-
-def block_by_block(step: Callable[[], object]) -> object:
-    """A step without cnnlab.models.chain: each fused block runs as its own Function."""
-    chain_prefix = chain.chain_prefix
-    chain.chain_prefix = lambda *args: None
-    try:
-        return step()
-    finally:
-        chain.chain_prefix = chain_prefix
+def on_whole_vectors(winners_fit: Callable[..., bool]) -> Callable[..., bool]:
+    """winners_fit for convs on whole vectors of input channels only."""
+    return lambda conv, pool: conv.in_channels % 16 == 0 and winners_fit(conv, pool)
 
 
 def rand_dropout_forward(module: KerasDropout, x: torch.Tensor) -> torch.Tensor:

@@ -156,8 +156,7 @@ class DenseHeadStage:
         return self.first.weight, self.first.bias, self.second.weight, self.second.bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        relu = type(self.first.act) is nn.ReLU
-        p = self.dropout.p if self.dropout is not None else 0.0
+        relu, p = fused.dense_head_options(self.first, self.dropout)
         return fused.dense_head_run(x, *self.params, relu, p)
 
     def backward(

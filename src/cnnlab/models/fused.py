@@ -1130,6 +1130,10 @@ def dense_head(
     as the modules compute it (their matrix products sum in another order: values within
     float32 rounding of theirs), the dropout's mask the one `dropout` draws for the same
     generator state."""
-    relu = type(first.act) is nn.ReLU
-    p = dropout.p if dropout is not None else 0.0
+    relu, p = dense_head_options(first, dropout)
     return _DenseHead.apply(x, first.weight, first.bias, second.weight, second.bias, relu, p)
+
+
+def dense_head_options(first: KerasDense, dropout: nn.Dropout | None) -> tuple[bool, float]:
+    """The head kernel's (relu, p) for a `dense_head_fits` Dense and the Dropout after it."""
+    return type(first.act) is nn.ReLU, dropout.p if dropout is not None else 0.0
