@@ -539,6 +539,118 @@ def test_bf16_conv_pool_is_built_only_with_avx512_bf16(kernels):
         assert status == -1
 
 
+# ------------------------------------ the first block in bf16 dot products (AVX512-BF16)
+
+
+def first_block_in_pairs(model: CnnModel, x: torch.Tensor, threads: int = 2):
+    """conv_pool_run on the model's first conv and pool with a bf16 output, through
+    conv_pool_forward_pairs: the pooled output and the winning positions."""
+    conv, pool = model.layers[0], model.layers[1]
+    geometry = fused.first_block_geometry(conv, pool, x, (0, 0))
+    assert fused.first_block_in_pairs(geometry, torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, _, argmax = fused.conv_pool_run(
+            x, conv.weight, conv.bias, geometry, torch.bfloat16, train=True
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return y, argmax
+
+
+@property_settings
+@given(
+    in_c=st.integers(1, 4),
+    height=st.integers(3, 13),
+    width=st.integers(3, 13),
+    filters=st.sampled_from([16, 32]) | st.integers(9, 40),
+    kh=st.integers(1, 5),
+    kw=st.integers(1, 5),
+    padding=st.sampled_from(["valid", "same"]),
+    pool_padding=st.sampled_from(["valid", "same"]),
+    activation=st.sampled_from([None, "relu"]),
+    use_bias=st.booleans(),
+    batch=st.integers(1, 9),
+)
+def test_first_block_in_pairs_matches_conv_and_max_pool_on_bf16_inputs(
+    bf16_kernel,
+    in_c,
+    height,
+    width,
+    filters,
+    kh,
+    kw,
+    padding,
+    pool_padding,
+    activation,
+    use_bias,
+    batch,
+):
+    """Each output is the pooled maximum (after the ReLU) of the conv on the input and weights
+    rounded to bf16, with the float32 bias, summed in float32 and rounded once; its position
+    holds that maximum, up to the float32 sums' rounding. Odd kernel rows (3x3 grey, 1x3 on
+    three channels) end with a pair whose first weight is zero."""
+    if kw * in_c < 2 or block_is_empty(height, width, kh, kw, padding, pool_padding):
+        return
+    torch.manual_seed(in_c * 1000 + height * 10 + width)
+    model = block_model((in_c, height, width), filters, (kh, kw), padding, pool_padding, activation, use_bias)  # fmt: skip
+    x = torch.randn(batch, in_c, height, width).contiguous(memory_format=torch.channels_last)
+    y, argmax = first_block_in_pairs(model, x)
+    conv, pool = copy.deepcopy(model.layers[0]).double(), copy.deepcopy(model.layers[1])
+    conv.defer_activation = False
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.bfloat16().double())
+        unpooled = conv(x.bfloat16().double())
+        pooled = pool(unpooled)
+    assert y.dtype == torch.bfloat16 and y.shape == pooled.shape
+    torch.testing.assert_close(y.double(), pooled.bfloat16().double(), rtol=2**-7, atol=1e-5)
+    # The winning position's conv value is the maximum, up to float32 rounding of the sums;
+    # where the ReLU cut the maximum, no position takes a gradient.
+    wins = argmax.permute(0, 3, 1, 2).long()  # (B, out_c, pool_h, pool_w)
+    live = wins != 255
+    near_zero = pooled.abs() < 1e-4  # the float32 sums may fall either side of 0 there
+    assert ((live == (pooled > 0)) | near_zero).all() if activation else live.all()
+    rows = 2 * torch.arange(pooled.shape[2]).view(1, 1, -1, 1) + wins.clamp(max=3) // 2
+    cols = 2 * torch.arange(pooled.shape[3]).view(1, 1, 1, -1) + wins.clamp(max=3) % 2
+    if not activation:
+        unpooled = F.pad(unpooled, (0, 2, 0, 2))  # a 'same' pool's clipped positions never win
+        index = (rows * unpooled.shape[3] + cols).flatten(2)
+        won = unpooled.flatten(2).gather(2, index).view_as(pooled)
+        torch.testing.assert_close(won, pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_first_block_in_pairs_does_not_depend_on_threads_and_passes_nan(bf16_kernel):
+    torch.manual_seed(7)
+    model = block_model((1, 28, 28), 32, (4, 4), "valid", "valid", "relu", True)
+    x = torch.randn(7, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    x[3, 0, 10, 10] = float("nan")
+    one, two = first_block_in_pairs(model, x, threads=1), first_block_in_pairs(model, x, threads=2)
+    torch.testing.assert_close(one[0], two[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(one[1], two[1])
+    assert torch.isnan(one[0][3]).any() and not torch.isnan(one[0][[0, 1, 2, 4, 5, 6]]).any()
+
+
+@pytest.mark.parametrize("preset", ["basic", "dropout", "fast", "tiny"])
+def test_first_blocks_run_in_pairs_under_bf16_autocast_with_more_than_8_filters(kernels, preset):
+    """The presets' first blocks with more than 8 filters take the bf16 dot products under bf16
+    autocast; `tiny`'s 8 filters, a float32 output and a build without AVX512-BF16 keep the
+    float32 kernel."""
+    model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10)
+    x = torch.zeros(2, 1, 28, 28)
+    geometry = fused.first_block_geometry(model.layers[0], model.layers[1], x, (0, 0))
+    in_pairs = fused.first_block_in_pairs(geometry, torch.bfloat16)
+    assert in_pairs == (preset != "tiny" and fused.bf16_conv_pool_built())
+    assert not fused.first_block_in_pairs(geometry, torch.float32)
+    if not fused.bf16_conv_pool_built():  # the library says no itself
+        lib = native.library()
+        status = lib.conv_pool_forward_pairs(
+            geometry, x.data_ptr(), model.layers[0].weight.detach().data_ptr(), None, 2,
+            torch.empty(2, 32, 12, 12, dtype=torch.bfloat16).data_ptr(), 1, None, 1,
+        )  # fmt: skip
+        assert status == -1
+
+
 # ----------------------------------------------------------------------------------- dropout
 
 

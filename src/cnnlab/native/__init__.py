@@ -131,6 +131,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.conv_pool_forward.argtypes += [pointer, i32]
     lib.conv_pool_forward.restype = ctypes.c_int
     # (geometry, x, w, bias, batch, y, argmax, threads)
+    lib.conv_pool_forward_pairs.argtypes = lib.conv_pool_forward.argtypes
+    lib.conv_pool_forward_pairs.restype = ctypes.c_int
     lib.conv_pool_forward_bf16.argtypes = [geometry, pointer, pointer, pointer, i64, pointer]
     lib.conv_pool_forward_bf16.argtypes += [pointer, i32]
     lib.conv_pool_forward_bf16.restype = ctypes.c_int

@@ -1,5 +1,6 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
- * after it (and, on CPUs with AVX512-BF16, a bfloat16 convolution on more channels with it),
+ * after it (and, on CPUs with AVX512-BF16, the same in bfloat16 dot products, and a bfloat16
+ * convolution on more channels with its pool),
  * the weight and input gradients of a convolution under a 2x2 max pool from the pooled gradient,
  * the 2x2 max pool alone with its gradient, dropout, the 2x2 max pool with its ReLU and the
  * dropout after it in one pass, and a small float32 dense head (Dense, Dropout, Dense) in one
@@ -707,6 +708,201 @@ int conv_pool_forward_bf16(const Geometry *g, const uint16_t *x, const float *w,
     return 0;
 #else
     (void)g, (void)x, (void)w, (void)bias, (void)batch, (void)y, (void)argmax, (void)threads;
+    return -1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The first block in bfloat16 dot products (AVX512-BF16)                                    */
+
+/* conv_pool_forward under bf16 autocast: the same pooled outputs, with each dot product taking
+ * two neighbouring values of a kernel row at a time. A kernel row is kw * in_c values that lie
+ * side by side in the padded image, so every pair of them is one 32-bit load, broadcast, and
+ * one _mm512_dpbf16_ps multiplies it by LANES channels' two weights: 8 instructions per window
+ * position and block of channels for a 4x4 kernel on a grey image, where the float32 kernel
+ * takes 16 multiply-adds (6 against 9 for 3x3). A row of odd length ends with the pair of its
+ * last two values, the first of them weighted 0, so nothing past the row is read. The image is
+ * rounded to bfloat16 as it is padded and the weights as they are laid out, as autocast's
+ * bfloat16 convolution rounds both; the bias stays float32, the sums are float32, and the
+ * pool's winner is rounded on output as in conv_pool_forward. */
+
+#ifdef __AVX512BF16__
+INLINE int row_pair_count(int run) { return (run + 1) / 2; }
+
+/* Where pair m of a kernel row of `run` values starts in it. */
+INLINE int pair_start(int m, int run) { return 2 * m + 1 < run ? 2 * m : run - 2; }
+
+/* PyTorch's weights w [out_c][in_c][kh][kw] in bfloat16 pairs along each kernel row:
+ * [kh][pairs][out_c_pad][2] (pair m of row ky: its values pair_start(m) and the one after, the
+ * first of a last pair that repeats a value zero); then the bias (unless NULL) as float32
+ * [out_c_pad]. One allocation (free it); NULL when out of memory. */
+static void *row_pair_weights(const Geometry *g, const float *w, const float *bias,
+                              float **bias_pad) {
+    const int out_c_pad = padded(g->out_c), in_c = g->in_c, run = g->kw * in_c;
+    const int pairs = row_pair_count(run);
+    const size_t weights = sizeof(uint16_t) * (size_t)g->kh * pairs * out_c_pad * 2;
+    char *block = calloc(1, weights + (bias ? sizeof(float) * (size_t)out_c_pad : 0));
+    if (!block) return NULL;
+    uint16_t *to = (uint16_t *)block;
+    for (int ky = 0; ky < g->kh; ky++)
+        for (int m = 0; m < pairs; m++)
+            for (int half = 0; half < 2; half++) {
+                if (2 * m + 1 >= run && half == 0) continue; /* a repeated value: weight 0 */
+                const int t = pair_start(m, run) + half, kx = t / in_c, c = t % in_c;
+                for (int o = 0; o < g->out_c; o++)
+                    to[(((int64_t)ky * pairs + m) * out_c_pad + o) * 2 + half] =
+                        bf16_bits(w[((int64_t)(o * in_c + c) * g->kh + ky) * g->kw + kx]);
+            }
+    *bias_pad = bias ? (float *)(block + weights) : NULL;
+    if (bias) memcpy(*bias_pad, bias, sizeof(float) * (size_t)g->out_c);
+    return block;
+}
+
+/* pad_image into a bfloat16 buffer (padded_rows x padded_cols x in_c, and LANES to spare),
+ * rounding to nearest even. */
+static int64_t pad_image_bf16(const Geometry *g, const float *xb, uint16_t *buf) {
+    const int rows = padded_rows(g), cols = padded_cols(g), in_c = g->in_c;
+    const int64_t row = (int64_t)cols * in_c;
+    memset(buf, 0, sizeof(uint16_t) * (size_t)(rows * row));
+    for (int y = 0; y < g->in_h && y + g->pad_top < rows; y++) {
+        const int n = (g->in_w + g->pad_left < cols ? g->in_w : cols - g->pad_left) * in_c;
+        const float *from = xb + (int64_t)y * g->in_w * in_c;
+        uint16_t *to = buf + (y + g->pad_top) * row + (int64_t)g->pad_left * in_c;
+        for (int k = 0; k < n; k += LANES) { /* the last vector masked: no scalar tail */
+            const __mmask16 lanes = n - k >= LANES ? 0xffff : (__mmask16)((1u << (n - k)) - 1);
+            const vf v = (vf)_mm512_maskz_loadu_ps(lanes, from + k);
+            _mm256_mask_storeu_epi16(to + k, lanes, _mm512_cvtepi32_epi16((__m512i)to_bf16(v)));
+        }
+    }
+    return row;
+}
+
+/* The conv outputs at the four positions of COUNT windows side by side (window n's top-left
+ * input at corner + 2n * in_c), for BLOCKS blocks of LANES channels from wp (already offset to
+ * the first one), as `windows` computes them. */
+INLINE void windows_pairs(const int kh, const int run, const int in_c, const uint16_t *corner,
+                          int64_t row, const uint16_t *wp, int out_c_pad, const float *bias,
+                          const int blocks, const int count, vf acc[2][2][4]) {
+    const int pairs = row_pair_count(run);
+    for (int q = 0; q < blocks; q++) {
+        const vf start = bias ? load(bias + q * LANES) : (vf){0};
+        for (int n = 0; n < count; n++)
+            for (int p = 0; p < 4; p++) acc[n][q][p] = start;
+    }
+    for (int ky = 0; ky < kh; ky++)
+        for (int m = 0; m < pairs; m++) {
+            const uint16_t *tap = corner + ky * row + pair_start(m, run);
+            const uint16_t *wk = wp + ((int64_t)ky * pairs + m) * out_c_pad * 2;
+            __m512bh weight[2];
+            for (int q = 0; q < blocks; q++)
+                weight[q] = (__m512bh)_mm512_loadu_si512(wk + q * 2 * LANES);
+            for (int n = 0; n < count; n++) {
+                const uint16_t *at = tap + 2 * n * in_c;
+                const __m512bh x[4] = {pair_at(at), pair_at(at + in_c), pair_at(at + row),
+                                       pair_at(at + row + in_c)};
+                for (int q = 0; q < blocks; q++)
+                    for (int p = 0; p < 4; p++)
+                        acc[n][q][p] = (vf)_mm512_dpbf16_ps((__m512)acc[n][q][p], x[p], weight[q]);
+            }
+        }
+}
+
+/* windows_pairs for BLOCKS blocks of channels from c0 and COUNT windows, then their pooled
+ * outputs at `at` (window n's at + n * out_c); constant BLOCKS and COUNT keep the sums in
+ * registers from the first product to the store. */
+INLINE void pairs_and_finish(const Geometry *g, const int kh, const int run, const int in_c,
+                             const uint16_t *corner, int64_t row, const uint16_t *wp,
+                             const float *bias, int c0, const int blocks, const int count,
+                             int valid[2][4], int64_t at, void *y, int y_is_bf16,
+                             uint8_t *argmax) {
+    const int out_c = g->out_c;
+    vf acc[2][2][4];
+    windows_pairs(kh, run, in_c, corner, row, wp + (int64_t)2 * c0, padded(out_c),
+                  bias ? bias + c0 : NULL, blocks, count, acc);
+    for (int n = 0; n < count; n++)
+        for (int q = 0; q < blocks; q++) {
+            const int c = c0 + q * LANES, lanes = out_c - c < LANES ? out_c - c : LANES;
+            const int64_t to = at + n * out_c + c;
+            if (argmax)
+                finish(g, acc[n][q], valid[n], lanes, y, to, y_is_bf16, argmax, 1);
+            else
+                finish(g, acc[n][q], valid[n], lanes, y, to, y_is_bf16, NULL, 0);
+        }
+}
+
+/* Images [b0, b1) of the batch, as forward_shaped. */
+INLINE int forward_pairs_shaped(const Geometry *g, const int kh, const int kw, const int in_c,
+                                const float *x, const uint16_t *wp, const float *bias,
+                                int64_t b0, int64_t b1, void *y, int y_is_bf16,
+                                uint8_t *argmax) {
+    const int out_c_pad = padded(g->out_c), run = kw * in_c;
+    const int64_t image = (int64_t)g->in_h * g->in_w * g->in_c;
+    const int64_t pooled = (int64_t)g->out_rows * g->out_cols * g->out_c;
+    uint16_t *buf = malloc(sizeof(uint16_t) * ((size_t)padded_rows(g) * (size_t)padded_cols(g) *
+                                                   (size_t)in_c + LANES));
+    if (!buf) return -2;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t row = pad_image_bf16(g, x + b * image, buf);
+        for (int i = 0; i < g->pool_h; i++) {
+            for (int j = 0; j < g->pool_w; j += 2) {
+                const int count = j + 1 < g->pool_w ? 2 : 1;
+                int valid[2][4];
+                for (int n = 0; n < count; n++) window_valid(g, i, j + n, valid[n]);
+                const uint16_t *corner = buf + 2 * i * row + (int64_t)2 * j * in_c;
+                const int64_t at = b * pooled + ((int64_t)i * g->out_cols + j) * g->out_c;
+                for (int c0 = 0; c0 < out_c_pad; c0 += 2 * LANES) {
+                    const int pair = c0 + LANES < out_c_pad;
+#define BLOCK(blocks, count)                                                                   \
+    pairs_and_finish(g, kh, run, in_c, corner, row, wp, bias, c0, blocks, count, valid, at, y, \
+                     y_is_bf16, argmax)
+                    if (pair && count == 2)
+                        BLOCK(2, 2);
+                    else if (pair)
+                        BLOCK(2, 1);
+                    else if (count == 2)
+                        BLOCK(1, 2);
+                    else
+                        BLOCK(1, 1);
+#undef BLOCK
+                }
+            }
+        }
+        zero_border(g, y, y_is_bf16, b);
+    }
+    free(buf);
+    return 0;
+}
+
+static int forward_pairs_images(const Geometry *g, const float *x, const uint16_t *wp,
+                                const float *bias, int64_t b0, int64_t b1, void *y,
+                                int y_is_bf16, uint8_t *argmax) {
+    return SHAPED(forward_pairs_shaped, g, x, wp, bias, b0, b1, y, y_is_bf16, argmax);
+}
+#endif
+
+/* conv_pool_forward in bfloat16 dot products, for a kernel row of at least 2 values (kw *
+ * in_c) and at most MAX_TAPS taps. Returns -1 where the shape does not fit or the library was
+ * built without AVX512-BF16. */
+int conv_pool_forward_pairs(const Geometry *g, const float *x, const float *w,
+                            const float *bias, int64_t batch, void *y, int32_t y_is_bf16,
+                            uint8_t *argmax, int32_t threads) {
+#ifdef __AVX512BF16__
+    if (g->kw * g->in_c < 2 || g->kh * g->kw * g->in_c > MAX_TAPS) return -1;
+    float *bias_pad;
+    void *block = row_pair_weights(g, w, bias, &bias_pad);
+    if (!block) return -2;
+    int status = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(min : status)
+    {
+        int64_t b0, b1;
+        share(batch, &b0, &b1);
+        status = forward_pairs_images(g, x, block, bias_pad, b0, b1, y, y_is_bf16, argmax);
+    }
+    free(block);
+    return status;
+#else
+    (void)g, (void)x, (void)w, (void)bias, (void)batch, (void)y, (void)y_is_bf16;
+    (void)argmax, (void)threads;
     return -1;
 #endif
 }
