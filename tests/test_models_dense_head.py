@@ -233,16 +233,18 @@ def test_dense_head_runs_only_where_it_gives_the_same_results(kernels):
     second.act = torch.nn.ReLU()  # the last Dense has none (its softmax is the loss's)
     assert not fused.dense_head_fits(first, dropout, second, x)
 
-    def head_calls(in_f, hidden, out_f):
+    def head_calls(in_f, hidden, out_f, bf16=False):
         model = head_model(in_f, hidden, out_f, relu=True, p=0.1)
-        with counted("dense_head") as calls:
+        with counted("dense_head") as calls, torch.autocast("cpu", enabled=bf16):
             model(torch.randn(2, in_f, 1, 1))
         return len(calls)
 
     assert head_calls(512, 64, 10) == 1  # 32768 weights: float32 under autocast
     assert FP32_DENSE_MAX_WEIGHTS == 512 * 64
-    assert head_calls(513, 64, 10) == 0  # bf16 under autocast: oneDNN's matrix products
-    assert head_calls(64, 64, 513) == 0
+    assert head_calls(513, 64, 10) == 0  # float32 and large: oneDNN's matrix products
+    # bf16 under autocast: the head's bf16 products where the build has AVX512-BF16
+    assert head_calls(513, 64, 10, bf16=True) == int(fused.bf16_conv_pool_built())
+    assert head_calls(64, 64, 513, bf16=True) == 0  # a large second Dense: the modules
 
 
 def test_dense_head_kernel_refuses_what_it_cannot_do(kernels):
@@ -256,7 +258,7 @@ def test_dense_head_kernel_refuses_what_it_cannot_do(kernels):
     def forward(batch=2, hidden=16, parts=1, p=0.5):
         return lib.dense_head_forward(
             x.data_ptr(), 0, batch, 4, hidden, 3, w1.data_ptr(), None, 1, p, 1,
-            w2.data_ptr(), None, parts, *(b.data_ptr() for b in buffers), logits.data_ptr(), 1,
+            w2.data_ptr(), None, parts, *(b.data_ptr() for b in buffers), logits.data_ptr(), 1, 0,
         )  # fmt: skip
 
     assert forward(batch=0) == 1
@@ -299,3 +301,137 @@ def test_a_dropout_in_evaluation_mode_leaves_the_head_to_the_modules(kernels):
     assert calls == 0
     assert torch.equal(logits, ref_logits)
     assert all(torch.equal(grads[name], ref_grads[name]) for name in ref_grads)
+
+
+# ------------------------------------ the first Dense in bf16 dot products (AVX512-BF16)
+
+
+@pytest.fixture
+def bf16_head(kernels):
+    """The kernels, where they were built with AVX512-BF16 (the head's bf16 products)."""
+    if not fused.bf16_conv_pool_built():
+        pytest.skip("this build has no AVX512-BF16: a large first Dense stays with oneDNN")
+
+
+def bf16_values(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().double()
+
+
+@property_settings
+@given(
+    batch=st.integers(1, 41),
+    in_f=st.integers(1, 90),
+    hidden=st.integers(1, 90),
+    out_f=st.integers(1, 12),
+    relu=st.booleans(),
+    p=st.sampled_from([0.0, 0.3]),
+    use_bias=st.booleans(),
+    bf16_input=st.booleans(),
+    threads=st.integers(1, 3),
+)
+def test_bf16_head_multiplies_bf16_values_and_sums_in_float32(
+    bf16_head, batch, in_f, hidden, out_f, relu, p, use_bias, bf16_input, threads
+):
+    """With bf16 set, the first Dense's three products (forward, weight and input gradients)
+    take the input, the weights and the hidden gradient rounded to bf16 and sum in float32 (here
+    against float64 sums of the same rounded values); the hidden values, the dropout, the second
+    Dense and the bias gradients stay float32. Odd sizes pair their last value with a zero."""
+    torch.manual_seed(batch * 10_000 + in_f * 100 + hidden)
+    x = torch.randn(batch, in_f)
+    x = x.bfloat16() if bf16_input else x
+    w1, w2 = torch.randn(hidden, in_f) / in_f**0.5, torch.randn(out_f, hidden) / hidden**0.5
+    b1, b2 = (torch.randn(hidden), torch.randn(out_f)) if use_bias else (None, None)
+    grad_logits = torch.randn(batch, out_f)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        logits, saved = fused.dense_head_run(x, w1, b1, w2, b2, relu, p, bf16=True)
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = fused.dense_head_grads(
+            saved, grad_logits, input_grad=True
+        )
+    finally:
+        torch.set_num_threads(previous)
+    torch.manual_seed(3)
+    ones = torch.ones(batch, hidden)
+    factor = (fused._apply_dropout(ones, p, fused._dropout_seed()) if p else ones).double()
+    hidden_values = bf16_values(x) @ bf16_values(w1).T + (b1.double() if use_bias else 0.0)
+    act = saved.act[:, :hidden].double()  # the kernel's own ReLU decides the mask below
+    assert_close_fp32(act, hidden_values.clamp(min=0) if relu else hidden_values)
+    dropped = act * factor
+    assert_close_fp32(logits.double(), dropped @ w2.double().T + (b2.double() if use_bias else 0.0))
+    grad_hidden = (grad_logits.double() @ w2.double()) * factor
+    if relu:
+        grad_hidden[act <= 0] = 0.0
+    assert_close_fp32(grad_w2.double(), grad_logits.double().T @ dropped)
+    if use_bias:
+        assert_close_fp32(grad_b1.double(), grad_hidden.sum(0))
+        assert_close_fp32(grad_b2.double(), grad_logits.double().sum(0))
+    # the hidden gradient, rounded to bf16 by the kernel from its float32 sums, may round the
+    # other way where it lies at a rounding boundary: one bf16 step in a product at most
+    want_w1 = bf16_values(grad_hidden).T @ bf16_values(x)
+    want_x = bf16_values(grad_hidden) @ bf16_values(w1)
+    for got, want in ((grad_w1, want_w1), (grad_x, want_x)):
+        scale = want.abs().max().item() + 1e-12
+        rtol = 2**-7 if got.dtype == torch.bfloat16 else 1e-3
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=4e-3 * scale)
+    assert grad_x.dtype == x.dtype
+
+
+def test_bf16_head_does_not_depend_on_threads(bf16_head):
+    """As in float32: the same bits on 1 to 4 threads (parts of the hidden units)."""
+    torch.manual_seed(6)
+    model = head_model(300, 150, 10, relu=True, p=0.2)  # 45,000 weights: bf16 under autocast
+    x = torch.randn(51, 300, 1, 1).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3, 4):
+            torch.set_num_threads(count)
+            results.append(run_head(model, x, use_kernel=True, bf16=True))
+    finally:
+        torch.set_num_threads(threads)
+    logits, grads, grad_x, ran, _ = results[0]
+    assert ran == 1
+    for other_logits, other_grads, other_grad_x, _, _ in results[1:]:
+        assert torch.equal(other_logits, logits)
+        assert torch.equal(other_grad_x, grad_x)
+        assert all(torch.equal(other_grads[name], grads[name]) for name in grads)
+
+
+@pytest.mark.parametrize("preset", ["basic", "dropout"])
+def test_large_first_dense_trains_as_close_to_the_modules_as_bf16_allows(bf16_head, preset):
+    """`basic`'s and `dropout`'s heads (a first Dense of 131k and 295k weights) run in the
+    kernel under bf16 autocast: logits and every gradient within bf16 rounding of the modules'
+    (which also round the hidden values to bf16), and the same draws from the generator."""
+    torch.manual_seed(4)
+    model = build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10).train()
+    x = torch.randn(33, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    logits, grads, _, ran, draw = run_head(model, x, use_kernel=True, bf16=True)
+    ref_logits, ref_grads, _, ref_ran, ref_draw = run_head(model, x, use_kernel=False, bf16=True)
+    assert (ran, ref_ran) == (1, 0)
+    assert torch.equal(draw, ref_draw)
+
+    def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+    assert relative_error(logits, ref_logits) < 1e-2
+    for name, grad in grads.items():
+        assert relative_error(grad, ref_grads[name]) < 2e-2, name
+
+
+def test_a_build_without_avx512_bf16_refuses_bf16_products(kernels):
+    """Status 1 from both calls where the build has no AVX512-BF16; the head then never asks."""
+    if fused.bf16_conv_pool_built():
+        pytest.skip("this build has AVX512-BF16")
+    lib = native.library()
+    x, w1, w2 = torch.ones(2, 4), torch.ones(16, 4), torch.ones(3, 16)
+    buffers = [torch.zeros(2, 2, 16), torch.zeros(2, 16), torch.zeros(2, 16), torch.zeros(2, 16)]
+    logits = torch.zeros(2, 3)
+    status = lib.dense_head_forward(
+        x.data_ptr(), 0, 2, 4, 16, 3, w1.data_ptr(), None, 1, 0.0, 1, w2.data_ptr(), None, 1,
+        *(b.data_ptr() for b in buffers), logits.data_ptr(), 1, 1,
+    )  # fmt: skip
+    assert status == 1
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not fused.bf16_dense_head_fits()

@@ -15,7 +15,8 @@ The stages, in the order a chain may take them:
   ReLU and an optional Dropout in the bf16 conv-pool kernel, the gradients from the pool's
   winners (`fused.winners_grads`);
 - `FlattenStage`: Keras' channels-last flatten, a view;
-- `DenseHeadStage`: Dense, optional Dropout, Dense in float32 (`fused.dense_head_run`).
+- `DenseHeadStage`: Dense, optional Dropout, Dense (`fused.dense_head_run`: in float32, or the
+  first Dense's products in bf16 where autocast would run that Dense in bf16).
 A chain starts with a first block and takes at least two kernel stages; the layers after it run
 as they did. It takes a block only where the blocks one by one would run the same kernels on
 it, and draws dropout seeds in the same order, so logits and gradients are bit for bit the
@@ -145,7 +146,7 @@ class FlattenStage:
 
 @dataclasses.dataclass(frozen=True)
 class DenseHeadStage:
-    """Dense (ReLU or none), an optional Dropout and Dense, in float32: float32 logits."""
+    """Dense (ReLU or none), an optional Dropout and Dense: float32 logits."""
 
     first: KerasDense
     dropout: nn.Dropout | None
@@ -156,8 +157,8 @@ class DenseHeadStage:
         return self.first.weight, self.first.bias, self.second.weight, self.second.bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        relu, p = fused.dense_head_options(self.first, self.dropout)
-        return fused.dense_head_run(x, *self.params, relu, p)
+        relu, p, bf16 = fused.dense_head_options(self.first, self.dropout)
+        return fused.dense_head_run(x, *self.params, relu, p, bf16)
 
     def backward(
         self, saved: Any, grad: torch.Tensor, input_grad: bool

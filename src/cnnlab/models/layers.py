@@ -706,12 +706,13 @@ class KerasDense(nn.Linear):
         if self.bias is not None:
             initialize(self.bias, a["bias_initializer"])
 
+    @property
+    def fp32_under_autocast(self) -> bool:
+        """Whether this Dense stays float32 under CPU bf16 autocast (FP32_DENSE_MAX_WEIGHTS)."""
+        return self.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, units)
-        if (
-            self.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
-            and x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-        ):
+        if self.fp32_under_autocast and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return self.act(F.linear(x.float(), self.weight, self.bias))
         return self.act(super().forward(x))
@@ -1014,16 +1015,18 @@ class LayerStack(nn.Sequential):
     def dense_head_at(
         modules: list[nn.Module], i: int, x: torch.Tensor
     ) -> tuple[KerasDense, KerasDropout | None, KerasDense] | None:
-        """The Dense, optional Dropout and Dense at modules[i:] where both Dense layers are small
-        enough to run in float32 (FP32_DENSE_MAX_WEIGHTS) and `fused.dense_head_fits` x."""
+        """The Dense, optional Dropout and Dense at modules[i:] where `fused.dense_head_fits` x and
+        the second Dense is small enough to run in float32 (FP32_DENSE_MAX_WEIGHTS); the first
+        too, or under bf16 autocast with AVX512-BF16 in the kernels, where the head runs its
+        products in bf16 as autocast would (`fused.dense_head_options`)."""
         first, dropout, second = [*modules[i : i + 3], None, None, None][:3]
         if not isinstance(dropout, KerasDropout):
             dropout, second = None, dropout
         if not (
             isinstance(first, KerasDense)
             and isinstance(second, KerasDense)
-            and first.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
-            and second.weight.numel() <= FP32_DENSE_MAX_WEIGHTS
+            and second.fp32_under_autocast
+            and (first.fp32_under_autocast or fused.bf16_dense_head_fits())
             and fused.dense_head_fits(first, dropout, second, x)
         ):
             return None

@@ -185,13 +185,15 @@ def _load(path: Path) -> ctypes.CDLL:
     #  act, dropped, factor, logits, threads)
     lib.dense_head_forward.argtypes = [pointer, i32, i64, i32, i32, i32, pointer, pointer, i32]
     lib.dense_head_forward.argtypes += [ctypes.c_float, ctypes.c_uint64, pointer, pointer, i32]
-    lib.dense_head_forward.argtypes += [pointer, pointer, pointer, pointer, pointer, i32]
+    lib.dense_head_forward.argtypes += [pointer, pointer, pointer, pointer, pointer, i32, i32]
     lib.dense_head_forward.restype = ctypes.c_int
     # (grad_logits, batch, in_f, hidden, out_f, w1, relu, w2, parts, xf, act, dropped, factor,
     #  grad_x, x_is_bf16, grad_w1, grad_b1, grad_w2, grad_b2, threads)
     lib.dense_head_backward.argtypes = [pointer, i64, i32, i32, i32, pointer, i32, pointer, i32]
     lib.dense_head_backward.argtypes += [pointer, pointer, pointer, pointer, pointer, i32]
-    lib.dense_head_backward.argtypes += [pointer, pointer, pointer, pointer, i32]
+    lib.dense_head_backward.argtypes += [pointer, pointer, pointer, pointer, i32, i32]
+    lib.dense_head_xf_floats.argtypes = [i64, i32, i32]
+    lib.dense_head_xf_floats.restype = i64
     lib.dense_head_backward.restype = ctypes.c_int
     return lib
 

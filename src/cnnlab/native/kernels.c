@@ -1,10 +1,10 @@
 /* CPU kernels for cnnlab: a convolution with few input channels fused with the 2x2 max pool
  * after it (and, on CPUs with AVX512-BF16, the same in bfloat16 dot products, and a bfloat16
- * convolution on more channels with its pool),
- * the weight and input gradients of a convolution under a 2x2 max pool from the pooled gradient,
- * the 2x2 max pool alone with its gradient, dropout, the 2x2 max pool with its ReLU and the
- * dropout after it in one pass, and a small float32 dense head (Dense, Dropout, Dense) in one
- * call each way.
+ * convolution on more channels with its pool), the weight and input gradients of a convolution
+ * under a 2x2 max pool from the pooled gradient, the 2x2 max pool alone with its gradient,
+ * dropout, the 2x2 max pool with its ReLU and the dropout after it in one pass, and a dense head
+ * (Dense, Dropout, Dense; the first Dense's products in bfloat16 where autocast would run it in
+ * bfloat16) in one call each way.
  *
  * The first block of most small CNNs (Conv2D on 1-3 channels, then MaxPool2D(2)) is where
  * PyTorch spends half of a training step: oneDNN runs a one-channel convolution at under
@@ -2165,7 +2165,7 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
  *   w1       float32 [hidden][in_f], b1 [hidden] or NULL (PyTorch's Linear layout); grads alike
  *   w2       float32 [out_f][hidden], b2 [out_f] or NULL
  *   xf       float32 [parts][batch][in_pad]: x widened, one copy per part (below), kept for the
- *            backward pass
+ *            backward pass; in bf16 (below) x in pairs instead (dense_head_xf_floats a part)
  *   act      float32 [batch][hid_pad]: the activation's output, before the dropout
  *   dropped  float32 [batch][hid_pad]: the dropout's output
  *   factor   float32 [batch][hid_pad]: what the dropout multiplied each value by (0, or 1 / keep
@@ -2385,26 +2385,171 @@ static void dropout_factors(int64_t batch, int64_t hidden, int64_t first, int64_
         }
 }
 
+/* In bfloat16 dot products (`bf16` set, in builds with AVX512-BF16): the first Dense's three
+ * matrix products run as autocast runs a Dense too large for float32, on its input, weights and
+ * hidden gradient rounded to bfloat16, with float32 sums; the second Dense, the biases, the
+ * activation, the dropout and their gradients stay float32 (the hidden values are not rounded).
+ * Each operand goes into pairs of neighbouring values along the sum, one 32-bit lane holding
+ * two bfloat16 (the first in the low half), so that one _mm512_dpbf16_ps adds two products to
+ * each of LANES float32 sums:
+ *   forward   act = x w1^T + b1: x by rows [batch][in_f / 2] (xa), w1's part as pairs of its
+ *             columns, transposed: [in_f / 2][width]
+ *   backward  grad_w1 = grad_h^T x: grad_h and x as pairs of rows, [batch / 2][hid_pad] and
+ *             [batch / 2][in_pad] (xb); grad_x = grad_h w1: grad_h by rows, w1 as pairs of rows
+ *             [hidden / 2][in_pad]
+ * (halves rounded up; a pair past the end holds a zero). Twice the products per instruction of
+ * the float32 head: `dropout`'s 576-512 Dense and `basic`'s 512-256 train in bf16 here. */
+#ifdef __AVX512BF16__
+typedef struct {
+    const uint32_t *a;
+    int64_t a_row, a_step;
+    const uint32_t *b;
+    int64_t b_row, depth; /* in pairs */
+    const float *init;
+    void *out;
+    int out_is_bf16;
+    int64_t out_row, rows, cols;
+} PairProduct;
+
+/* product_tile in bfloat16 pairs. */
+INLINE void pair_tile(const PairProduct *p, int64_t i0, int64_t j0, const int rows,
+                      const int vectors) {
+    vf sum[TILE_ROWS][TILE_VECTORS];
+    for (int v = 0; v < vectors; v++) {
+        const vf start = p->init ? load(p->init + j0 + v * LANES) : (vf){0};
+        for (int r = 0; r < rows; r++) sum[r][v] = start;
+    }
+    const uint32_t *a = p->a + i0 * p->a_row, *b = p->b + j0;
+    for (int64_t k = 0; k < p->depth; k++, a += p->a_step, b += p->b_row) {
+        __m512bh right[TILE_VECTORS];
+        for (int v = 0; v < vectors; v++) right[v] = (__m512bh)_mm512_loadu_si512(b + v * LANES);
+        for (int r = 0; r < rows; r++) {
+            const __m512bh left = (__m512bh)_mm512_set1_epi32((int32_t)a[r * p->a_row]);
+            for (int v = 0; v < vectors; v++)
+                sum[r][v] = (vf)_mm512_dpbf16_ps((__m512)sum[r][v], left, right[v]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < vectors; v++) {
+            const int64_t j = j0 + v * LANES;
+            store_first(p->out, (i0 + r) * p->out_row + j, p->out_is_bf16, sum[r][v],
+                        p->cols - j);
+        }
+}
+
+static void pair_tile_any(const PairProduct *p, int64_t i0, int64_t j0, int rows, int vectors) {
+#define TILE(r, v)                                                                            \
+    case (r) * 8 + (v):                                                                       \
+        pair_tile(p, i0, j0, r, v);                                                           \
+        break;
+#define TILES(r) TILE(r, 1) TILE(r, 2) TILE(r, 3) TILE(r, 4)
+    switch (rows * 8 + vectors) {
+        TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
+    }
+#undef TILES
+#undef TILE
+}
+
+/* The whole product, on the calling thread. */
+static void pair_product(const PairProduct *p) {
+    const int64_t vectors = (p->cols + LANES - 1) / LANES;
+    for (int64_t v0 = 0; v0 < vectors; v0 += TILE_VECTORS)
+        for (int64_t i0 = 0; i0 < p->rows; i0 += TILE_ROWS) {
+            const int64_t rows = p->rows - i0 < TILE_ROWS ? p->rows - i0 : TILE_ROWS;
+            const int64_t tile = vectors - v0 < TILE_VECTORS ? vectors - v0 : TILE_VECTORS;
+            pair_tile_any(p, i0, v0 * LANES, (int)rows, (int)tile);
+        }
+}
+
+/* to[r][k] = the pair (from[r][2k], from[r][2k + 1]) for r < rows, bfloat16 rounded to nearest
+ * even, zero past cols; from float32 or bfloat16, rows from_row values apart; to's rows to_row
+ * pairs apart, at least cols / 2 rounded up. */
+static void row_pairs(const void *from, int is_bf16, int64_t from_row, int64_t rows,
+                      int64_t cols, uint32_t *to, int64_t to_row) {
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *halves = (uint16_t *)(to + r * to_row);
+        if (is_bf16) {
+            memcpy(halves, (const uint16_t *)from + r * from_row, sizeof(uint16_t) * (size_t)cols);
+        } else {
+            narrow((const float *)from + r * from_row, cols, halves, 0, 1);
+        }
+        memset(halves + cols, 0, sizeof(uint16_t) * (size_t)(2 * to_row - cols));
+    }
+}
+
+/* LANES values of row `r` of from (rows from_row apart) from column k on, zeros past cols and
+ * for rows past `rows`. */
+INLINE vf row_vector(const void *from, int is_bf16, int64_t from_row, int64_t rows,
+                     int64_t cols, int64_t r, int64_t k) {
+    if (r >= rows || k >= cols) return (vf){0};
+    if (cols - k >= LANES) return load_any(from, r * from_row + k, is_bf16);
+    float lanes[LANES] = {0};
+    widen(from, r * from_row + k, is_bf16, lanes, cols - k);
+    return load(lanes);
+}
+
+/* to[q][k] = the pair (from[2q][k], from[2q + 1][k]) for q in [q0, q1) and k < to_cols (whole
+ * vectors), bfloat16 rounded to nearest even; zero past `rows` and `cols`. to's rows to_row
+ * pairs apart. */
+static void interleave_rows(const void *from, int is_bf16, int64_t from_row, int64_t rows,
+                            int64_t cols, uint32_t *to, int64_t to_row, int64_t q0, int64_t q1,
+                            int64_t to_cols) {
+    for (int64_t q = q0; q < q1; q++)
+        for (int64_t k = 0; k < to_cols; k += LANES) {
+            const vf first = row_vector(from, is_bf16, from_row, rows, cols, 2 * q, k);
+            const vf second = row_vector(from, is_bf16, from_row, rows, cols, 2 * q + 1, k);
+            store((float *)(to + q * to_row + k), (vf)(to_bf16(first) | to_bf16(second) << 16));
+        }
+}
+#endif
+
+/* Floats of one part's xf: x widened ([batch][in_pad]) in float32, or its pairs (xa, then xb)
+ * in bf16. */
+int64_t dense_head_xf_floats(int64_t batch, int32_t in_f, int32_t bf16) {
+    if (!bf16) return batch * whole_vectors(in_f);
+    return batch * ((in_f + 1) / 2) + (batch + 1) / 2 * whole_vectors(in_f);
+}
+
 /* The forward pass of hidden units [h0, h1): act, dropped and factor there. */
 static void head_forward_part(const void *x, int x_is_bf16, int64_t batch, int64_t in_f,
                               int64_t hidden, const float *w1, const float *b1, int relu,
                               float p, uint64_t seed, int64_t h0, int64_t h1, float *xf,
-                              float *act, float *dropped, float *factor, float *scratch) {
+                              float *act, float *dropped, float *factor, float *scratch,
+                              int bf16) {
     const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
     const int64_t width = whole_vectors(h1 - h0);
-    float *w1t = scratch, *bias = scratch + in_f * width;
-    for (int64_t b = 0; b < batch; b++) {
-        widen(x, b * in_f, x_is_bf16, xf + b * in_pad, in_f);
-        memset(xf + b * in_pad + in_f, 0, sizeof(float) * (size_t)(in_pad - in_f));
-    }
-    transpose_padded(w1 + h0 * in_f, in_f, h1 - h0, in_f, w1t, width);
-    copy_padded(b1 ? b1 + h0 : NULL, 0, 1, h1 - h0, bias, width);
     dropout_factors(batch, hidden, h0, h1, p, seed, factor);
-    const Product hidden_values = {.a = xf, .a_row = in_pad, .a_step = 1,
-                                   .b = w1t, .b_row = width, .depth = in_f, .init = bias,
-                                   .out = act + h0, .out_row = hid_pad,
-                                   .rows = batch, .cols = width};
-    product(&hidden_values);
+    if (bf16) {
+#ifdef __AVX512BF16__
+        const int64_t in_pairs = (in_f + 1) / 2;
+        uint32_t *xa = (uint32_t *)xf, *xb = xa + batch * in_pairs;
+        uint32_t *w1p = (uint32_t *)scratch, *by_row = w1p + in_pairs * width;
+        float *bias = scratch + 2 * in_pairs * width;
+        row_pairs(x, x_is_bf16, in_f, batch, in_f, xa, in_pairs);
+        interleave_rows(x, x_is_bf16, in_f, batch, in_f, xb, in_pad, 0, (batch + 1) / 2, in_pad);
+        row_pairs(w1 + h0 * in_f, 0, in_f, h1 - h0, in_f, by_row, in_pairs);
+        transpose_padded((const float *)by_row, in_pairs, h1 - h0, in_pairs, (float *)w1p, width);
+        copy_padded(b1 ? b1 + h0 : NULL, 0, 1, h1 - h0, bias, width);
+        const PairProduct hidden_values = {.a = xa, .a_row = in_pairs, .a_step = 1,
+                                           .b = w1p, .b_row = width, .depth = in_pairs,
+                                           .init = bias, .out = act + h0, .out_row = hid_pad,
+                                           .rows = batch, .cols = width};
+        pair_product(&hidden_values);
+#endif
+    } else {
+        float *w1t = scratch, *bias = scratch + in_f * width;
+        for (int64_t b = 0; b < batch; b++) {
+            widen(x, b * in_f, x_is_bf16, xf + b * in_pad, in_f);
+            memset(xf + b * in_pad + in_f, 0, sizeof(float) * (size_t)(in_pad - in_f));
+        }
+        transpose_padded(w1 + h0 * in_f, in_f, h1 - h0, in_f, w1t, width);
+        copy_padded(b1 ? b1 + h0 : NULL, 0, 1, h1 - h0, bias, width);
+        const Product hidden_values = {.a = xf, .a_row = in_pad, .a_step = 1,
+                                       .b = w1t, .b_row = width, .depth = in_f, .init = bias,
+                                       .out = act + h0, .out_row = hid_pad,
+                                       .rows = batch, .cols = width};
+        product(&hidden_values);
+    }
     /* the activation (as torch.relu: NaN stays NaN), then the dropout (x * 0 keeps NaN) */
     for (int64_t b = 0; b < batch; b++)
         for (int64_t j = h0; j < h0 + width; j += LANES) {
@@ -2425,14 +2570,16 @@ int dense_head_forward(const void *x, int32_t x_is_bf16, int64_t batch, int32_t 
                        int32_t hidden, int32_t out_f, const float *w1, const float *b1,
                        int32_t relu, float p, uint64_t seed, const float *w2, const float *b2,
                        int32_t parts, float *xf, float *act, float *dropped, float *factor,
-                       float *logits, int32_t threads) {
+                       float *logits, int32_t threads, int32_t bf16) {
     (void)threads; /* unused without OpenMP */
     if (batch < 1 || in_f < 1 || hidden < 1 || out_f < 1 || parts < 1 ||
-        parts > whole_vectors(hidden) / LANES || !(p >= 0.0f && p < 1.0f))
+        parts > whole_vectors(hidden) / LANES || !(p >= 0.0f && p < 1.0f) ||
+        (bf16 && !conv_pool_bf16_available()))
         return 1;
-    const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
+    const int64_t hid_pad = whole_vectors(hidden);
+    const int64_t xf_part = dense_head_xf_floats(batch, in_f, bf16);
     const int64_t out_pad = whole_vectors(out_f), width = widest_part(hidden, parts);
-    const int64_t part_size = in_f * width + width;
+    const int64_t part_size = (bf16 ? 2 * ((in_f + 1) / 2) : in_f) * width + width;
     /* per part: its w1 rows transposed and their bias; per batch share: w2 transposed, b2 */
     const int64_t second_size = hidden * out_pad + out_pad;
     float *scratch = malloc(sizeof(float) * (size_t)(parts * (part_size + second_size)));
@@ -2444,8 +2591,8 @@ int dense_head_forward(const void *x, int32_t x_is_bf16, int64_t batch, int32_t 
             int64_t h0, h1;
             part_range(hidden, part, parts, 1, &h0, &h1);
             head_forward_part(x, x_is_bf16, batch, in_f, hidden, w1, b1, relu, p, seed, h0, h1,
-                              xf + part * batch * in_pad, act, dropped, factor,
-                              scratch + part * part_size);
+                              xf + part * xf_part, act, dropped, factor,
+                              scratch + part * part_size, bf16);
         }
         /* the second Dense by shares of the batch, each from its own copy of w2 transposed */
 #pragma omp for schedule(static, 1)
@@ -2473,7 +2620,8 @@ static void head_backward_part(const float *grad_logits, int64_t batch, int64_t 
                                int64_t hidden, int64_t out_f, int relu, const float *w2,
                                int64_t h0, int64_t h1, const float *xf, const float *act,
                                const float *dropped, const float *factor, float *grad_h,
-                               float *grad_w1, float *grad_b1, float *grad_w2, float *scratch) {
+                               float *grad_w1, float *grad_b1, float *grad_w2, float *scratch,
+                               uint32_t *grad_pairs, int bf16) {
     const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
     const int64_t width = whole_vectors(h1 - h0);
     float *w2_part = scratch; /* w2's columns [h0, h1), rows of whole vectors */
@@ -2503,6 +2651,20 @@ static void head_backward_part(const float *grad_logits, int64_t batch, int64_t 
                               .out = grad_w2 + h0, .out_row = hidden,
                               .rows = out_f, .cols = h1 - h0};
     product(&weights2);
+    if (bf16) { /* grad_h's columns [h0, h0 + width) in pairs of rows, for this part alone */
+#ifdef __AVX512BF16__
+        const int64_t batch_pairs = (batch + 1) / 2;
+        const uint32_t *xb = (const uint32_t *)xf + batch * ((in_f + 1) / 2);
+        interleave_rows(grad_h + h0, 0, hid_pad, batch, width, grad_pairs + h0, hid_pad, 0,
+                        batch_pairs, width);
+        const PairProduct weights1 = {.a = grad_pairs + h0, .a_row = 1, .a_step = hid_pad,
+                                      .b = xb, .b_row = in_pad, .depth = batch_pairs,
+                                      .out = grad_w1 + h0 * in_f, .out_row = in_f,
+                                      .rows = h1 - h0, .cols = in_f};
+        pair_product(&weights1);
+#endif
+        return;
+    }
     const Product weights1 = {.a = grad_h + h0, .a_row = 1, .a_step = hid_pad, /* transposed */
                               .b = xf, .b_row = in_pad, .depth = batch,
                               .out = grad_w1 + h0 * in_f, .out_row = in_f,
@@ -2516,20 +2678,29 @@ int dense_head_backward(const float *grad_logits, int64_t batch, int32_t in_f, i
                         int32_t out_f, const float *w1, int32_t relu, const float *w2,
                         int32_t parts, const float *xf, const float *act, const float *dropped,
                         const float *factor, void *grad_x, int32_t x_is_bf16, float *grad_w1,
-                        float *grad_b1, float *grad_w2, float *grad_b2, int32_t threads) {
+                        float *grad_b1, float *grad_w2, float *grad_b2, int32_t threads,
+                        int32_t bf16) {
     (void)threads; /* unused without OpenMP */
     if (batch < 1 || in_f < 1 || hidden < 1 || out_f < 1 || parts < 1 ||
-        parts > whole_vectors(hidden) / LANES)
+        parts > whole_vectors(hidden) / LANES || (bf16 && !conv_pool_bf16_available()))
         return 1;
     const int64_t in_pad = whole_vectors(in_f), hid_pad = whole_vectors(hidden);
     const int64_t width = widest_part(hidden, parts);
-    /* the hidden gradient; per part its columns of w2; per batch share, where in_f is not whole
-     * vectors, w1 with rows of whole vectors */
-    const int64_t w1_size = in_f % LANES ? hidden * in_pad : 0;
-    const int64_t size = batch * hid_pad + parts * (out_f * width + w1_size);
+    const int64_t xf_part = dense_head_xf_floats(batch, in_f, bf16);
+    /* the hidden gradient; per part its columns of w2; in float32, per batch share where in_f
+     * is not whole vectors, w1 with rows of whole vectors; in bf16, the hidden gradient in pairs
+     * of rows, w1 in pairs of rows, and per batch share its rows of the hidden gradient in pairs */
+    const int64_t hid_pairs = (hidden + 1) / 2, share_rows = (batch + parts - 1) / parts;
+    const int64_t w1_size = !bf16 && in_f % LANES ? hidden * in_pad : 0;
+    const int64_t pairs_size = bf16 ? (batch + 1) / 2 * hid_pad + hid_pairs * in_pad : 0;
+    const int64_t share_size = bf16 ? share_rows * hid_pairs : w1_size;
+    const int64_t size = batch * hid_pad + parts * (out_f * width + share_size) + pairs_size;
     float *grad_h = malloc(sizeof(float) * (size_t)size);
     if (!grad_h) return 2;
     float *w2_parts = grad_h + batch * hid_pad, *w1_copies = w2_parts + parts * out_f * width;
+    uint32_t *grad_pairs = (uint32_t *)(w1_copies + parts * share_size);
+    uint32_t *w1_pairs = grad_pairs + (batch + 1) / 2 * hid_pad;
+    (void)w1_pairs; /* unused without AVX512-BF16 */
 #pragma omp parallel num_threads(threads) if (threads > 1 && parts > 1)
     {
 #pragma omp for schedule(static, 1)
@@ -2537,8 +2708,9 @@ int dense_head_backward(const float *grad_logits, int64_t batch, int32_t in_f, i
             int64_t h0, h1;
             part_range(hidden, part, parts, 1, &h0, &h1);
             head_backward_part(grad_logits, batch, in_f, hidden, out_f, relu, w2, h0, h1,
-                               xf + part * batch * in_pad, act, dropped, factor, grad_h,
-                               grad_w1, grad_b1, grad_w2, w2_parts + part * out_f * width);
+                               xf + part * xf_part, act, dropped, factor, grad_h, grad_w1,
+                               grad_b1, grad_w2, w2_parts + part * out_f * width, grad_pairs,
+                               bf16);
             if (part == 0 && grad_b2)
                 for (int o = 0; o < out_f; o++) {
                     float sum = 0.0f;
@@ -2546,11 +2718,33 @@ int dense_head_backward(const float *grad_logits, int64_t batch, int32_t in_f, i
                     grad_b2[o] = sum;
                 }
         }
+#ifdef __AVX512BF16__
+        if (bf16 && grad_x) {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < hid_pairs; q++)
+                interleave_rows(w1, 0, in_f, hidden, in_f, w1_pairs, in_pad, q, q + 1, in_pad);
+        }
+#endif
         /* the input gradient by shares of the batch: every hidden unit's gradient */
 #pragma omp for schedule(static, 1)
         for (int64_t share = 0; share < parts; share++) {
             int64_t r0, r1;
             part_range(batch, share, parts, 0, &r0, &r1);
+            if (bf16) {
+#ifdef __AVX512BF16__
+                uint32_t *rows = (uint32_t *)(w1_copies + share * share_size);
+                const PairProduct input = {.a = rows, .a_row = hid_pairs, .a_step = 1,
+                                           .b = w1_pairs, .b_row = in_pad, .depth = hid_pairs,
+                                           .out = (char *)grad_x + r0 * in_f * (x_is_bf16 ? 2 : 4),
+                                           .out_is_bf16 = x_is_bf16, .out_row = in_f,
+                                           .rows = r1 - r0, .cols = in_f};
+                if (grad_x && r1 > r0) {
+                    row_pairs(grad_h + r0 * hid_pad, 0, hid_pad, r1 - r0, hidden, rows, hid_pairs);
+                    pair_product(&input);
+                }
+#endif
+                continue;
+            }
             const float *weights = w1;
             if (w1_size) {
                 float *copy = w1_copies + share * w1_size;
