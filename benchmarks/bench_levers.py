@@ -12,6 +12,9 @@ AVX512-BF16):
   - tiny's second conv (kernel rows of 24 values) through winners_backward, against the C
     weight and input gradients that sum over every window (pooled_weight_grad, pooled_input_grad)
   - tiny's head (Dense, Dropout, Dense) in one C call each way, against the modules
+  - the first block in bf16 dot products under autocast, against its float32 kernel
+  - basic's and dropout's heads in the C call with the first Dense in bf16 dot products,
+    against the modules (oneDNN's bf16 matrix products)
   - the first fused blocks as one autograd Function (cnnlab.models.chain), against the blocks
     one by one; every other training lever is measured with the blocks one by one
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
@@ -80,6 +83,8 @@ def variant(
     pad_pass: bool = False,
     whole_vector_winners: bool = False,
     module_head: bool = False,
+    fp32_first_block: bool = False,
+    onednn_head: bool = False,
     per_block: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
@@ -133,6 +138,14 @@ def variant(
     if module_head:  # Dense, Dropout and Dense as modules, as before the twenty-second session
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, fused, "dense_head_fits", lambda *args: False, stepper.step
+        )
+    if fp32_first_block:  # the first block's float32 kernel, as before the twenty-fourth session
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, fused, "first_block_in_pairs", lambda *args: False, stepper.step
+        )
+    if onednn_head:  # a large first Dense left to the modules, as before the twenty-fourth session
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, fused, "bf16_dense_head_fits", lambda: False, stepper.step
         )
     if per_block:  # each fused block its own Function, as before the twenty-third session
         stepper.step = functools.partial(  # type: ignore[method-assign]
@@ -219,6 +232,8 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
         ("Dense, Dropout, Dense in one C call each way", {}, {"module_head": True}),
         ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
+        ("first block in bf16 dot products", {}, {"fp32_first_block": True}),
+        ("first Dense of the C head in bf16 dot products", {}, {"onednn_head": True}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -228,11 +243,15 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
             continue
         if lever.startswith("conv gradients") and preset not in ("tiny", "basic", "dropout"):
             continue
-        if lever.startswith("first block") and preset != "dropout":
+        if lever.startswith("first block writes") and preset != "dropout":
             continue
         if lever.startswith(("winners'", "Dense,")) and preset != "tiny":
             continue
         if lever.startswith("chain") and preset not in ("tiny", "basic", "dropout"):
+            continue
+        if lever.startswith("first block in") and preset not in ("basic", "dropout", "fast"):
+            continue
+        if lever.startswith("first Dense") and preset not in ("basic", "dropout"):
             continue
         if lever.startswith("dropout") and preset == "tiny":  # its Dropout is in the C head:
             on, off = {**on, "module_head": True}, {**off, "module_head": True}  # as modules
