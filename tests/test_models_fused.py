@@ -88,18 +88,24 @@ def run(model: CnnModel, x: torch.Tensor, *, use_kernel: bool, bf16: bool = Fals
     return logits.detach().float(), grads
 
 
+# The first blocks the fused kernel takes: a Conv2D on 1-4 channels and its 2x2 MaxPool2D.
+first_blocks = {
+    "in_c": st.integers(1, 4),
+    "height": st.integers(3, 13),
+    "width": st.integers(3, 13),
+    "kh": st.integers(1, 5),
+    "kw": st.integers(1, 5),
+    "padding": st.sampled_from(["valid", "same"]),
+    "pool_padding": st.sampled_from(["valid", "same"]),
+    "activation": st.sampled_from([None, "relu"]),
+    "use_bias": st.booleans(),
+}
+
+
 @property_settings
 @given(
-    in_c=st.integers(1, 4),
-    height=st.integers(3, 13),
-    width=st.integers(3, 13),
+    **first_blocks,
     filters=st.sampled_from([8, 16, 32]) | st.integers(1, 40),  # 8: two windows a vector
-    kh=st.integers(1, 5),
-    kw=st.integers(1, 5),
-    padding=st.sampled_from(["valid", "same"]),
-    pool_padding=st.sampled_from(["valid", "same"]),
-    activation=st.sampled_from([None, "relu"]),
-    use_bias=st.booleans(),
     batch=st.integers(1, 37),
 )
 def test_kernel_matches_the_modules_in_fp32(
@@ -561,17 +567,7 @@ def first_block_in_pairs(model: CnnModel, x: torch.Tensor, threads: int = 2):
 
 @property_settings
 @given(
-    in_c=st.integers(1, 4),
-    height=st.integers(3, 13),
-    width=st.integers(3, 13),
-    filters=st.sampled_from([16, 32]) | st.integers(9, 40),
-    kh=st.integers(1, 5),
-    kw=st.integers(1, 5),
-    padding=st.sampled_from(["valid", "same"]),
-    pool_padding=st.sampled_from(["valid", "same"]),
-    activation=st.sampled_from([None, "relu"]),
-    use_bias=st.booleans(),
-    batch=st.integers(1, 9),
+    **first_blocks, filters=st.sampled_from([16, 32]) | st.integers(9, 40), batch=st.integers(1, 9)
 )
 def test_first_block_in_pairs_matches_conv_and_max_pool_on_bf16_inputs(
     bf16_kernel,

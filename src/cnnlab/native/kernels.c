@@ -2218,13 +2218,30 @@ INLINE void store_first(void *p, int64_t at, int is_bf16, vf v, int64_t valid) {
     narrow(lanes, valid, p, at, is_bf16);
 }
 
+/* A tile's sums, each row starting from init[j0...] (zeros where init is NULL). */
+INLINE void tile_start(vf sum[TILE_ROWS][TILE_VECTORS], const float *init, int64_t j0,
+                       const int rows, const int vectors) {
+    for (int v = 0; v < vectors; v++) {
+        const vf start = init ? load(init + j0 + v * LANES) : (vf){0};
+        for (int r = 0; r < rows; r++) sum[r][v] = start;
+    }
+}
+
+/* A tile's sums into out (rows out_row apart), the columns before `cols` only. */
+INLINE void tile_store(vf sum[TILE_ROWS][TILE_VECTORS], void *out, int out_is_bf16,
+                       int64_t out_row, int64_t cols, int64_t i0, int64_t j0, const int rows,
+                       const int vectors) {
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < vectors; v++) {
+            const int64_t j = j0 + v * LANES;
+            store_first(out, (i0 + r) * out_row + j, out_is_bf16, sum[r][v], cols - j);
+        }
+}
+
 INLINE void product_tile(const Product *p, int64_t i0, int64_t j0, const int rows,
                          const int vectors) {
     vf sum[TILE_ROWS][TILE_VECTORS];
-    for (int v = 0; v < vectors; v++) {
-        const vf start = p->init ? load(p->init + j0 + v * LANES) : (vf){0};
-        for (int r = 0; r < rows; r++) sum[r][v] = start;
-    }
+    tile_start(sum, p->init, j0, rows, vectors);
     const float *a = p->a + i0 * p->a_row, *b = p->b + j0;
     for (int64_t k = 0; k < p->depth; k++, a += p->a_step, b += p->b_row) {
         vf right[TILE_VECTORS];
@@ -2235,38 +2252,44 @@ INLINE void product_tile(const Product *p, int64_t i0, int64_t j0, const int row
             for (int v = 0; v < vectors; v++) sum[r][v] += left * right[v];
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int v = 0; v < vectors; v++) {
-            const int64_t j = j0 + v * LANES;
-            store_first(p->out, (i0 + r) * p->out_row + j, p->out_is_bf16, sum[r][v],
-                        p->cols - j);
-        }
+    tile_store(sum, p->out, p->out_is_bf16, p->out_row, p->cols, i0, j0, rows, vectors);
 }
 
-/* A tile of any size up to TILE_ROWS x TILE_VECTORS, its sums unrolled into registers. */
-static void product_tile_any(const Product *p, int64_t i0, int64_t j0, int rows, int vectors) {
-#define TILE(r, v)                                                                            \
+/* tile(p, i0, j0, r, v) for r = rows and v = vectors (up to TILE_ROWS x TILE_VECTORS) as
+ * constants, so that its sums unroll into registers. */
+#define TILE_CASE(tile, r, v)                                                                 \
     case (r) * 8 + (v):                                                                       \
-        product_tile(p, i0, j0, r, v);                                                        \
+        tile(p, i0, j0, r, v);                                                                \
         break;
-#define TILES(r) TILE(r, 1) TILE(r, 2) TILE(r, 3) TILE(r, 4)
-    switch (rows * 8 + vectors) {
-        TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
+#define TILE_CASES(tile, r)                                                                   \
+    TILE_CASE(tile, r, 1) TILE_CASE(tile, r, 2) TILE_CASE(tile, r, 3) TILE_CASE(tile, r, 4)
+#define CALL_TILE(tile)                                                                       \
+    switch (rows * 8 + vectors) {                                                             \
+        TILE_CASES(tile, 1) TILE_CASES(tile, 2) TILE_CASES(tile, 3)                          \
+        TILE_CASES(tile, 4) TILE_CASES(tile, 5) TILE_CASES(tile, 6)                          \
     }
-#undef TILES
-#undef TILE
+
+typedef void TileFunction(const void *product, int64_t i0, int64_t j0, int rows, int vectors);
+
+static void product_tile_any(const void *product, int64_t i0, int64_t j0, int rows,
+                             int vectors) {
+    const Product *p = product;
+    CALL_TILE(product_tile)
+}
+
+/* A product of rows x cols outputs, tile by tile, on the calling thread. */
+static void by_tiles(const void *product, int64_t rows, int64_t cols, TileFunction *tile) {
+    const int64_t vectors = (cols + LANES - 1) / LANES;
+    for (int64_t v0 = 0; v0 < vectors; v0 += TILE_VECTORS)
+        for (int64_t i0 = 0; i0 < rows; i0 += TILE_ROWS) {
+            const int64_t tile_rows = rows - i0 < TILE_ROWS ? rows - i0 : TILE_ROWS;
+            const int64_t tile_vectors = vectors - v0 < TILE_VECTORS ? vectors - v0 : TILE_VECTORS;
+            tile(product, i0, v0 * LANES, (int)tile_rows, (int)tile_vectors);
+        }
 }
 
 /* The whole product, on the calling thread. */
-static void product(const Product *p) {
-    const int64_t vectors = (p->cols + LANES - 1) / LANES;
-    for (int64_t v0 = 0; v0 < vectors; v0 += TILE_VECTORS)
-        for (int64_t i0 = 0; i0 < p->rows; i0 += TILE_ROWS) {
-            const int64_t rows = p->rows - i0 < TILE_ROWS ? p->rows - i0 : TILE_ROWS;
-            const int64_t tile = vectors - v0 < TILE_VECTORS ? vectors - v0 : TILE_VECTORS;
-            product_tile_any(p, i0, v0 * LANES, (int)rows, (int)tile);
-        }
-}
+static void product(const Product *p) { by_tiles(p, p->rows, p->cols, product_tile_any); }
 
 INLINE int64_t whole_vectors(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
 
@@ -2415,10 +2438,7 @@ typedef struct {
 INLINE void pair_tile(const PairProduct *p, int64_t i0, int64_t j0, const int rows,
                       const int vectors) {
     vf sum[TILE_ROWS][TILE_VECTORS];
-    for (int v = 0; v < vectors; v++) {
-        const vf start = p->init ? load(p->init + j0 + v * LANES) : (vf){0};
-        for (int r = 0; r < rows; r++) sum[r][v] = start;
-    }
+    tile_start(sum, p->init, j0, rows, vectors);
     const uint32_t *a = p->a + i0 * p->a_row, *b = p->b + j0;
     for (int64_t k = 0; k < p->depth; k++, a += p->a_step, b += p->b_row) {
         __m512bh right[TILE_VECTORS];
@@ -2429,37 +2449,16 @@ INLINE void pair_tile(const PairProduct *p, int64_t i0, int64_t j0, const int ro
                 sum[r][v] = (vf)_mm512_dpbf16_ps((__m512)sum[r][v], left, right[v]);
         }
     }
-    for (int r = 0; r < rows; r++)
-        for (int v = 0; v < vectors; v++) {
-            const int64_t j = j0 + v * LANES;
-            store_first(p->out, (i0 + r) * p->out_row + j, p->out_is_bf16, sum[r][v],
-                        p->cols - j);
-        }
+    tile_store(sum, p->out, p->out_is_bf16, p->out_row, p->cols, i0, j0, rows, vectors);
 }
 
-static void pair_tile_any(const PairProduct *p, int64_t i0, int64_t j0, int rows, int vectors) {
-#define TILE(r, v)                                                                            \
-    case (r) * 8 + (v):                                                                       \
-        pair_tile(p, i0, j0, r, v);                                                           \
-        break;
-#define TILES(r) TILE(r, 1) TILE(r, 2) TILE(r, 3) TILE(r, 4)
-    switch (rows * 8 + vectors) {
-        TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
-    }
-#undef TILES
-#undef TILE
+static void pair_tile_any(const void *product, int64_t i0, int64_t j0, int rows, int vectors) {
+    const PairProduct *p = product;
+    CALL_TILE(pair_tile)
 }
 
 /* The whole product, on the calling thread. */
-static void pair_product(const PairProduct *p) {
-    const int64_t vectors = (p->cols + LANES - 1) / LANES;
-    for (int64_t v0 = 0; v0 < vectors; v0 += TILE_VECTORS)
-        for (int64_t i0 = 0; i0 < p->rows; i0 += TILE_ROWS) {
-            const int64_t rows = p->rows - i0 < TILE_ROWS ? p->rows - i0 : TILE_ROWS;
-            const int64_t tile = vectors - v0 < TILE_VECTORS ? vectors - v0 : TILE_VECTORS;
-            pair_tile_any(p, i0, v0 * LANES, (int)rows, (int)tile);
-        }
-}
+static void pair_product(const PairProduct *p) { by_tiles(p, p->rows, p->cols, pair_tile_any); }
 
 /* to[r][k] = the pair (from[r][2k], from[r][2k + 1]) for r < rows, bfloat16 rounded to nearest
  * even, zero past cols; from float32 or bfloat16, rows from_row values apart; to's rows to_row
