@@ -1326,6 +1326,99 @@ def test_conv_pool_dropout_gradients_do_not_depend_on_threads(kernels):
             assert all(torch.equal(other_grads[name], grads[name]) for name in grads)
 
 
+# The (in_c, kw) pairs whose kernel rows winners_backward takes in bf16 dot products
+# (SPLIT_UNION_SHAPES in kernels.c): in_c a multiple of 32, rows of at most 256 values.
+SPLIT_SHAPES = [(32, kw) for kw in range(1, 6)] + [(64, kw) for kw in range(1, 5)]
+SPLIT_SHAPES += [(96, 1), (96, 2), (128, 1), (128, 2)]
+NO_GRADIENT, DROPPED = 255, 4  # winners_backward's codes besides the positions 0-3
+
+
+def winners_inputs(
+    batch: int, in_c: int, out_c: int, kh: int, kw: int, size: tuple[int, int], p: float, seed: int
+) -> tuple[native.ConvPoolGeometry, list[torch.Tensor]]:
+    """A geometry and random bf16 operands for fused.winners_grads: the conv's input, weights,
+    pooled gradient and codes (every position, some without a gradient, some dropped where p)."""
+    in_h, in_w = size
+    conv_h, conv_w = in_h - kh + 1, in_w - kw + 1
+    pool_h, pool_w = conv_h // 2, conv_w // 2
+    g = native.ConvPoolGeometry(
+        in_h, in_w, in_c, out_c, kh, kw, 0, 0, conv_h, conv_w, pool_h, pool_w, 1, pool_h, pool_w
+    )
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_c, in_h, in_w, generator=gen)
+    w = torch.randn(out_c, in_c, kh, kw, generator=gen) / (kh * kw * in_c) ** 0.5
+    grad = torch.randn(batch, out_c, pool_h, pool_w, generator=gen)
+    code = torch.randint(0, 4, (batch, pool_h, pool_w, out_c), generator=gen, dtype=torch.uint8)
+    code[torch.rand(code.shape, generator=gen) < 0.3] = NO_GRADIENT  # a ReLU's dead winners
+    if p > 0:
+        dropped = torch.rand(code.shape, generator=gen) < p
+        code[dropped & (code != NO_GRADIENT)] |= DROPPED
+    operands = [
+        t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for t in (x, w, grad)
+    ]
+    return g, [*operands, code]
+
+
+@property_settings
+@given(
+    shape=st.sampled_from(SPLIT_SHAPES),
+    out_c=st.sampled_from([16, 32, 48, 64]),
+    kh=st.integers(1, 4),
+    size=st.tuples(st.integers(2, 13), st.integers(2, 13)),
+    batch=st.integers(1, 37),
+    p=st.sampled_from([0.0, 0.25]),
+    has_bias=st.booleans(),
+)
+def test_winners_in_bf16_dot_products_match_float32_union_rows(
+    kernels, shape, out_c, kh, size, batch, p, has_bias
+):
+    """winners_backward on bf16 operands (in bf16 dot products where the build has AVX512-BF16)
+    against the same values in float32 (by union rows): without dropout the same bits (each dot
+    product adds g x one bfloat16 value and 0 x its neighbour, and the products of bfloat16
+    values are exact in float32, so each is one rounding of the same sum, in the same order), the
+    input gradient then rounded to bf16; with dropout, g x 1 / keep rate is rounded to bf16 first
+    on the bf16 side only."""
+    in_c, kw = shape
+    if size[0] < kh + 1 or size[1] < kw + 1:
+        return
+    g, (x, w, grad, code) = winners_inputs(batch, in_c, out_c, kh, kw, size, p, seed=batch)
+    assert fused.winners_method(g, torch.float32, torch.float32) == "by union rows"
+    split = fused.winners_method(g, torch.bfloat16, torch.bfloat16)
+    assert split == ("in bf16 dot products" if fused.bf16_conv_pool_built() else "by union rows")
+    results = [
+        fused.winners_grads(
+            g, *(t.to(dtype) for t in (x, w, grad)), code, p, input_grad=True, has_bias=has_bias
+        )
+        for dtype in (torch.bfloat16, torch.float32)
+    ]
+    (ours_x, ours_w, ours_b), (ref_x, ref_w, ref_b) = results
+    assert ours_x.dtype == torch.bfloat16 and ours_w.dtype == torch.float32
+    if p == 0:
+        assert torch.equal(ours_x, ref_x.to(torch.bfloat16))
+        assert torch.equal(ours_w, ref_w)
+        assert not has_bias or torch.equal(ours_b, ref_b)
+    else:
+        tolerance = {"rtol": 1e-2, "atol": 1e-2 * ref_w.abs().max().item() + 1e-6}
+        torch.testing.assert_close(ours_w, ref_w, **tolerance)
+        torch.testing.assert_close(ours_x.float(), ref_x, rtol=2e-2, atol=2e-2)
+
+
+def test_winners_methods_of_the_presets(kernels):
+    """`basic`'s and `dropout`'s convs after the first (32 input channels) go by union rows in
+    float32 and in bf16 dot products under bf16 autocast where the build has AVX512-BF16;
+    `tiny`'s (8 input channels, not whole vectors) position by position."""
+    for preset, in_c, kernel in (("tiny", 8, 3), ("basic", 32, 4), ("dropout", 32, 2)):
+        g = native.ConvPoolGeometry(9, 9, in_c, 32, kernel, kernel, 0, 0, 6, 6, 3, 3, 1, 3, 3)
+        fp32, bf16 = (fused.winners_method(g, t, t) for t in (torch.float32, torch.bfloat16))
+        if preset == "tiny":
+            assert fp32 == bf16 == "by position"
+            continue
+        assert fp32 == "by union rows"
+        assert bf16 == ("in bf16 dot products" if fused.bf16_conv_pool_built() else fp32)
+        # float32 weights (no autocast) keep the float32 sums
+        assert fused.winners_method(g, torch.bfloat16, torch.float32) == "by union rows"
+
+
 def test_conv_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):
     model = conv_pool_dropout_model((32, 8, 8), 32, (2, 2), "valid", "relu", True, 0.25)
     conv, pool, dropout = model.layers[0], model.layers[1], model.layers[2]

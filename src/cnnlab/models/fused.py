@@ -580,6 +580,21 @@ def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
     return lib is not None and bool(lib.winners_shape_supported(kh, run))
 
 
+WINNERS_METHODS = ("by position", "by union rows", "in bf16 dot products")
+
+
+def winners_method(g: native.ConvPoolGeometry, x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """How `winners_grads` goes for a conv of geometry g on x_dtype inputs and w_dtype weights
+    (winners_backward in kernels.c), one of WINNERS_METHODS: a window's input gradient position
+    by position, or by rows of the union of its four patches where in_c is whole vectors; and
+    under bf16 autocast with in_c a multiple of 32 and AVX512-BF16, both gradients in bf16 dot
+    products. The last two give the same bits on the same values (with no dropout scale)."""
+    lib = native.library()
+    assert lib is not None
+    x_bf16, w_bf16 = int(x_dtype == torch.bfloat16), int(w_dtype == torch.bfloat16)
+    return WINNERS_METHODS[lib.winners_method(ctypes.byref(g), x_bf16, w_bf16, x_bf16)]
+
+
 def winners_grads(
     g: native.ConvPoolGeometry,
     x_in: torch.Tensor,

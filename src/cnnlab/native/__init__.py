@@ -175,6 +175,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.winners_backward.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i32, pointer]
     lib.winners_backward.argtypes += [ctypes.c_float, i64, i64, pointer, pointer, pointer, i32]
     lib.winners_backward.restype = ctypes.c_int
+    lib.winners_method.argtypes = [geometry, i32, i32, i32]
+    lib.winners_method.restype = ctypes.c_int
     # (kh, run): whether winners_backward has registers for kh rows of run vectors
     lib.winners_shape_supported.argtypes = [i32, i32]
     lib.winners_shape_supported.restype = ctypes.c_int
