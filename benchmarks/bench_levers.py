@@ -15,6 +15,9 @@ AVX512-BF16):
   - the first block in bf16 dot products under autocast, against its float32 kernel
   - basic's and dropout's heads in the C call with the first Dense in bf16 dot products,
     against the modules (oneDNN's bf16 matrix products)
+  - the gradients from the pool's winners by union rows and in bf16 dot products
+    (fused.WINNERS_METHODS), against position by position; and in bf16 dot products alone,
+    against union rows
   - the first fused blocks as one autograd Function (cnnlab.models.chain), against the blocks
     one by one; every other training lever is measured with the blocks one by one
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
@@ -86,6 +89,7 @@ def variant(
     fp32_first_block: bool = False,
     onednn_head: bool = False,
     per_block: bool = False,
+    winners_method: int = len(fused.WINNERS_METHODS) - 1,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -146,6 +150,10 @@ def variant(
     if onednn_head:  # a large first Dense left to the modules, as before the twenty-fourth session
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, fused, "bf16_dense_head_fits", lambda: False, stepper.step
+        )
+    if winners_method < fused.WINNERS_MAX_METHOD:  # 0: as before the twenty-fifth session
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, fused, "WINNERS_MAX_METHOD", winners_method, stepper.step
         )
     if per_block:  # each fused block its own Function, as before the twenty-third session
         stepper.step = functools.partial(  # type: ignore[method-assign]
@@ -234,6 +242,8 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
         ("first block in bf16 dot products", {}, {"fp32_first_block": True}),
         ("first Dense of the C head in bf16 dot products", {}, {"onednn_head": True}),
+        ("winners' gradients by union rows and in bf16", {}, {"winners_method": 0}),
+        ("winners' gradients in bf16 (against union rows)", {}, {"winners_method": 1}),
     ]
     rows = []
     for lever, on, off in pairs:
@@ -245,7 +255,10 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
             continue
         if lever.startswith("first block writes") and preset != "dropout":
             continue
-        if lever.startswith(("winners'", "Dense,")) and preset != "tiny":
+        if lever.startswith(("winners' gradients on", "Dense,")) and preset != "tiny":
+            continue
+        by_method = lever.startswith(("winners' gradients by", "winners' gradients in"))
+        if by_method and preset not in ("basic", "dropout"):
             continue
         if lever.startswith("chain") and preset not in ("tiny", "basic", "dropout"):
             continue

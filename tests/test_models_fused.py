@@ -1369,44 +1369,39 @@ def winners_inputs(
     p=st.sampled_from([0.0, 0.25]),
     has_bias=st.booleans(),
 )
-def test_winners_in_bf16_dot_products_match_float32_union_rows(
+def test_winners_in_bf16_dot_products_give_the_bits_of_float32_union_rows(
     kernels, shape, out_c, kh, size, batch, p, has_bias
 ):
-    """winners_backward on bf16 operands (in bf16 dot products where the build has AVX512-BF16)
-    against the same values in float32 (by union rows): without dropout the same bits (each dot
-    product adds g x one bfloat16 value and 0 x its neighbour, and the products of bfloat16
-    values are exact in float32, so each is one rounding of the same sum, in the same order), the
-    input gradient then rounded to bf16; with dropout, g x 1 / keep rate is rounded to bf16 first
-    on the bf16 side only."""
+    """winners_backward on bf16 operands in bf16 dot products (where the build has AVX512-BF16)
+    and by union rows in float32: the same bits. Each dot product adds g x one bfloat16 value and
+    0 x its neighbour, and the products of bfloat16 values are exact in float32, so each is one
+    rounding of the same sum as the float32 FMA, in the same order. Union rows agree with the
+    modules (test_conv_pool_dropout_gradients_match_the_layers_in_fp32)."""
     in_c, kw = shape
     if size[0] < kh + 1 or size[1] < kw + 1:
         return
-    g, (x, w, grad, code) = winners_inputs(batch, in_c, out_c, kh, kw, size, p, seed=batch)
+    g, operands = winners_inputs(batch, in_c, out_c, kh, kw, size, p, seed=batch)
+    expected = "in bf16 dot products" if fused.bf16_conv_pool_built() else "by union rows"
+    assert fused.winners_method(g, torch.bfloat16, torch.bfloat16) == expected
     assert fused.winners_method(g, torch.float32, torch.float32) == "by union rows"
-    split = fused.winners_method(g, torch.bfloat16, torch.bfloat16)
-    assert split == ("in bf16 dot products" if fused.bf16_conv_pool_built() else "by union rows")
-    results = [
-        fused.winners_grads(
-            g, *(t.to(dtype) for t in (x, w, grad)), code, p, input_grad=True, has_bias=has_bias
-        )
-        for dtype in (torch.bfloat16, torch.float32)
-    ]
+    results = []
+    try:
+        for method in (2, 1):
+            fused.WINNERS_MAX_METHOD = method
+            results.append(fused.winners_grads(g, *operands, p, input_grad=True, has_bias=has_bias))
+    finally:
+        fused.WINNERS_MAX_METHOD = 2
     (ours_x, ours_w, ours_b), (ref_x, ref_w, ref_b) = results
     assert ours_x.dtype == torch.bfloat16 and ours_w.dtype == torch.float32
-    if p == 0:
-        assert torch.equal(ours_x, ref_x.to(torch.bfloat16))
-        assert torch.equal(ours_w, ref_w)
-        assert not has_bias or torch.equal(ours_b, ref_b)
-    else:
-        tolerance = {"rtol": 1e-2, "atol": 1e-2 * ref_w.abs().max().item() + 1e-6}
-        torch.testing.assert_close(ours_w, ref_w, **tolerance)
-        torch.testing.assert_close(ours_x.float(), ref_x, rtol=2e-2, atol=2e-2)
+    assert torch.equal(ours_x, ref_x) and torch.equal(ours_w, ref_w)
+    assert not has_bias or torch.equal(ours_b, ref_b)
 
 
 def test_winners_methods_of_the_presets(kernels):
     """`basic`'s and `dropout`'s convs after the first (32 input channels) go by union rows in
     float32 and in bf16 dot products under bf16 autocast where the build has AVX512-BF16;
-    `tiny`'s (8 input channels, not whole vectors) position by position."""
+    `tiny`'s (8 input channels, not whole vectors) position by position; fewer where
+    WINNERS_MAX_METHOD says."""
     for preset, in_c, kernel in (("tiny", 8, 3), ("basic", 32, 4), ("dropout", 32, 2)):
         g = native.ConvPoolGeometry(9, 9, in_c, 32, kernel, kernel, 0, 0, 6, 6, 3, 3, 1, 3, 3)
         fp32, bf16 = (fused.winners_method(g, t, t) for t in (torch.float32, torch.bfloat16))
@@ -1417,6 +1412,11 @@ def test_winners_methods_of_the_presets(kernels):
         assert bf16 == ("in bf16 dot products" if fused.bf16_conv_pool_built() else fp32)
         # float32 weights (no autocast) keep the float32 sums
         assert fused.winners_method(g, torch.bfloat16, torch.float32) == "by union rows"
+        try:
+            fused.WINNERS_MAX_METHOD = 0
+            assert fused.winners_method(g, torch.bfloat16, torch.bfloat16) == "by position"
+        finally:
+            fused.WINNERS_MAX_METHOD = 2
 
 
 def test_conv_pool_dropout_runs_only_where_it_gives_the_same_results(kernels):

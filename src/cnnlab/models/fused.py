@@ -581,18 +581,23 @@ def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
 
 
 WINNERS_METHODS = ("by position", "by union rows", "in bf16 dot products")
+# The last of WINNERS_METHODS that `winners_grads` may take: benchmarks/bench_levers.py and the
+# tests lower it to run the others.
+WINNERS_MAX_METHOD = len(WINNERS_METHODS) - 1
 
 
 def winners_method(g: native.ConvPoolGeometry, x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
     """How `winners_grads` goes for a conv of geometry g on x_dtype inputs and w_dtype weights
     (winners_backward in kernels.c), one of WINNERS_METHODS: a window's input gradient position
-    by position, or by rows of the union of its four patches where in_c is whole vectors; and
-    under bf16 autocast with in_c a multiple of 32 and AVX512-BF16, both gradients in bf16 dot
-    products. The last two give the same bits on the same values (with no dropout scale)."""
+    by position, or by rows of the union of its four patches where in_c is whole vectors (basic's
+    winners_backward 1.10x faster on two threads); and under bf16 autocast with in_c a multiple
+    of 32 and AVX512-BF16, both gradients in bf16 dot products (1.19x more). The last two give
+    the same bits on the same values (with no dropout scale)."""
     lib = native.library()
     assert lib is not None
     x_bf16, w_bf16 = int(x_dtype == torch.bfloat16), int(w_dtype == torch.bfloat16)
-    return WINNERS_METHODS[lib.winners_method(ctypes.byref(g), x_bf16, w_bf16, x_bf16)]
+    method = lib.winners_method(ctypes.byref(g), x_bf16, w_bf16, x_bf16, WINNERS_MAX_METHOD)
+    return WINNERS_METHODS[method]
 
 
 def winners_grads(
@@ -620,8 +625,9 @@ def winners_grads(
     inputs = (_pointer(x_in), is_bf16, _pointer(w_nhwc), int(w.dtype == torch.bfloat16))
     pooled = (_pointer(grad), is_bf16, _pointer(code), p)
     batch = (x_in.shape[0], GRAD_CHUNK)
-    outputs = (_pointer(grad_x), _pointer(grad_w), _pointer(grad_b), torch.get_num_threads())
-    _check(lib.winners_backward(ctypes.byref(g), *inputs, *pooled, *batch, *outputs))
+    outputs = (_pointer(grad_x), _pointer(grad_w), _pointer(grad_b))
+    settings = (WINNERS_MAX_METHOD, torch.get_num_threads())
+    _check(lib.winners_backward(ctypes.byref(g), *inputs, *pooled, *batch, *outputs, *settings))
     return grad_x, grad_w, grad_b
 
 

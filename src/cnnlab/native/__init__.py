@@ -173,9 +173,9 @@ def _load(path: Path) -> ctypes.CDLL:
     # (geometry, x, is_bf16, w, w_is_bf16, grad, grad_is_bf16, code, p, batch, chunk, grad_x,
     #  grad_w, grad_b, threads)
     lib.winners_backward.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i32, pointer]
-    lib.winners_backward.argtypes += [ctypes.c_float, i64, i64, pointer, pointer, pointer, i32]
+    lib.winners_backward.argtypes += [ctypes.c_float, i64, i64, pointer, pointer, pointer, i32, i32]
     lib.winners_backward.restype = ctypes.c_int
-    lib.winners_method.argtypes = [geometry, i32, i32, i32]
+    lib.winners_method.argtypes = [geometry, i32, i32, i32, i32]
     lib.winners_method.restype = ctypes.c_int
     # (kh, run): whether winners_backward has registers for kh rows of run vectors
     lib.winners_shape_supported.argtypes = [i32, i32]

@@ -2388,16 +2388,18 @@ static void free_winners_scratch(WinnersScratch *s) {
 }
 
 /* How winners_backward goes for these operands: 0 position by position, 1 by union rows in
- * float32, 2 in bf16 dot products (split order). */
-int winners_method(const Geometry *g, int32_t is_bf16, int32_t w_is_bf16, int32_t grad_is_bf16) {
-    if (split_fits(g, is_bf16, w_is_bf16, grad_is_bf16)) return 2;
-    return union_shift(g) ? 1 : 0;
+ * float32, 2 in bf16 dot products (split order); at most max_method (benchmarks turn them off). */
+int winners_method(const Geometry *g, int32_t is_bf16, int32_t w_is_bf16, int32_t grad_is_bf16,
+                   int32_t max_method) {
+    if (max_method >= 2 && split_fits(g, is_bf16, w_is_bf16, grad_is_bf16)) return 2;
+    return max_method >= 1 && union_shift(g) ? 1 : 0;
 }
 
 int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const void *w,
                      int32_t w_is_bf16, const void *grad, int32_t grad_is_bf16,
                      const uint8_t *code, float p, int64_t batch, int64_t chunk,
-                     void *grad_x, float *grad_w, float *grad_b, int32_t threads) {
+                     void *grad_x, float *grad_w, float *grad_b, int32_t max_method,
+                     int32_t threads) {
     (void)threads; /* unused without OpenMP */
     const int taps = g->kw * g->in_c, run = run_length(g) / LANES, patch = g->kh * run;
     if (g->out_c % LANES || g->out_c > MAX_BLOCKS * LANES ||
@@ -2419,7 +2421,8 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
      * rows of kernels `patch` vectors apart shared L1 sets (basic's input gradient 1.2x slower);
      * each row padded with zeros to whole vectors. By union rows, groups of one row; in bf16
      * dot products, those rows in bfloat16 as they are */
-    const int method = winners_method(g, is_bf16, w_is_bf16, grad_is_bf16), split = method == 2;
+    const int method = winners_method(g, is_bf16, w_is_bf16, grad_is_bf16, max_method);
+    const int split = method == 2;
     const int rows = method ? 1 : group_rows(run);
     float *to = kernels;
     uint16_t *to_bf16_rows = (uint16_t *)kernels; /* in bf16 (split): as they are */
