@@ -29,8 +29,13 @@ Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
   - a conv's activation applied after the max pool that follows it, against Keras' order
   - batches on one-core worker threads, against every op split over all cores
 
+With --real-data, each training step's model first trains 200 steps on Fashion-MNIST, then
+steps on its batches in turn: a trained net's activations (how many ReLUs are dead, how many of
+a pool's winners have a gradient) decide how much work the winners' gradients take.
+
     .venv/bin/python benchmarks/bench_levers.py
     .venv/bin/python benchmarks/bench_levers.py --presets basic --rounds 9
+    .venv/bin/python benchmarks/bench_levers.py --presets basic dropout --real-data --training-only
 """
 
 from __future__ import annotations
@@ -226,7 +231,37 @@ def interleaved_ms(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def training_rows(preset: str, rounds: int) -> list[list[str]]:
+class RealBatches:
+    """Fashion-MNIST training batches of 128, in a fixed order, for Stepper steps."""
+
+    WARM_UP_STEPS = 200
+
+    def __init__(self) -> None:
+        from cnnlab.data import load_dataset
+
+        train = load_dataset("fashion-mnist").train
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        self.batches = [
+            (train.images.index_select(0, idx), train.labels.index_select(0, idx))
+            for idx in order[: 64 * 128].split(128)
+        ]
+
+    def drive(self, stepper: Stepper) -> Stepper:
+        """The stepper training on these batches in turn, after WARM_UP_STEPS of them."""
+        step, position = stepper.step, [0]
+
+        def real_step() -> None:
+            stepper.images, stepper.labels = self.batches[position[0] % len(self.batches)]
+            position[0] += 1
+            step()
+
+        stepper.step = real_step  # type: ignore[method-assign]
+        for _ in range(self.WARM_UP_STEPS):
+            stepper.step()
+        return stepper
+
+
+def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> list[list[str]]:
     pairs = [
         ("activation after pool + fused Adam", {}, {"keras_order": True, "foreach": True}),
         ("dropout in C", {}, {"rand_dropout": True}),
@@ -271,6 +306,8 @@ def training_rows(preset: str, rounds: int) -> list[list[str]]:
         if not lever.startswith("chain"):  # each lever on its own: the blocks one by one
             on, off = {**on, "per_block": True}, {**off, "per_block": True}
         kept, base = variant(preset, **on), variant(preset, **off)
+        if data is not None:
+            kept, base = data.drive(kept), data.drive(base)
         ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
         rows.append(_row(preset, f"train step: {lever}", ms["off"], ms["on"], "ms"))
     return rows
@@ -364,11 +401,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "basic", "dropout", "fast"])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--real-data", action="store_true", help="train on Fashion-MNIST")
+    parser.add_argument("--training-only", action="store_true", help="no evaluation rows")
     args = parser.parse_args()
     print(machine_line())
+    data = RealBatches() if args.real_data else None
     rows = []
     for preset in args.presets:
-        rows += training_rows(preset, args.rounds) + evaluation_rows(preset, args.rounds)
+        rows += training_rows(preset, args.rounds, data)
+        if not args.training_only:
+            rows += evaluation_rows(preset, args.rounds)
     print(table(["preset", "lever", "off", "on", "speed-up"], rows))
 
 

@@ -1375,8 +1375,9 @@ def test_winners_in_bf16_dot_products_give_the_bits_of_float32_union_rows(
     """winners_backward on bf16 operands in bf16 dot products (where the build has AVX512-BF16)
     and by union rows in float32: the same bits. Each dot product adds g x one bfloat16 value and
     0 x its neighbour, and the products of bfloat16 values are exact in float32, so each is one
-    rounding of the same sum as the float32 FMA, in the same order. Union rows agree with the
-    modules (test_conv_pool_dropout_gradients_match_the_layers_in_fp32)."""
+    rounding of the same sum as the float32 FMA, in the same order. Union rows change only the
+    order of the input gradient's sums from position by position (and agree with the modules:
+    test_conv_pool_dropout_gradients_match_the_layers_in_fp32)."""
     in_c, kw = shape
     if size[0] < kh + 1 or size[1] < kw + 1:
         return
@@ -1386,15 +1387,18 @@ def test_winners_in_bf16_dot_products_give_the_bits_of_float32_union_rows(
     assert fused.winners_method(g, torch.float32, torch.float32) == "by union rows"
     results = []
     try:
-        for method in (2, 1):
+        for method in (2, 1, 0):
             fused.WINNERS_MAX_METHOD = method
             results.append(fused.winners_grads(g, *operands, p, input_grad=True, has_bias=has_bias))
     finally:
         fused.WINNERS_MAX_METHOD = 2
-    (ours_x, ours_w, ours_b), (ref_x, ref_w, ref_b) = results
+    (ours_x, ours_w, ours_b), (ref_x, ref_w, ref_b), (by_position_x, *by_position) = results
     assert ours_x.dtype == torch.bfloat16 and ours_w.dtype == torch.float32
     assert torch.equal(ours_x, ref_x) and torch.equal(ours_w, ref_w)
     assert not has_bias or torch.equal(ours_b, ref_b)
+    assert torch.equal(by_position[0], ref_w)  # the weight gradient goes the same way
+    scale = by_position_x.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(ref_x.float(), by_position_x.float(), rtol=0, atol=2e-2 * scale)
 
 
 def test_winners_methods_of_the_presets(kernels):

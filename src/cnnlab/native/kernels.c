@@ -2101,10 +2101,10 @@ static void gather_winners(const Geometry *g, const void *grad, int grad_is_bf16
 
 /* Image b's share: its input gradient into grad_x (unless NULL), and its weight and bias
  * gradients added to dw ([out_c][patch vectors]) and db (unless NULL); w holds the kernels by
- * group of kernel rows (see winners_backward). */
+ * group of kernel rows (see winners_backward), of one row each where by_union. */
 static void winners_image(const Geometry *g, const void *x, int is_bf16, const float *w,
                           const void *grad, int grad_is_bf16, const uint8_t *code, float scale,
-                          int64_t b, void *grad_x, float *dw, float *db,
+                          int64_t b, void *grad_x, float *dw, float *db, int by_union,
                           const WinnersScratch *s) {
     const int in_c = g->in_c, out_c = g->out_c, words = (out_c / LANES + 3) / 4;
     const int run = run_length(g) / LANES, patch = g->kh * run, windows = g->pool_h * g->pool_w;
@@ -2117,7 +2117,7 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
     if (grad_x) memset(s->grad_image, 0, sizeof(float) * (size_t)pixels);
     /* a few kernel rows for all windows at a time, so that those rows of all kernels stay in L1 */
     const int shift = union_shift(g);
-    if (grad_x && shift)
+    if (grad_x && by_union)
         for (int u = 0; u <= g->kh; u++)
             for (int window = 0; window < windows; window++)
                 add_union_row_any(w, g->kh, out_c, u, s->gradient + window * out_c,
@@ -2458,7 +2458,7 @@ int winners_backward(const Geometry *g, const void *x, int32_t is_bf16, const vo
                 }
 #endif
                 winners_image(g, x, is_bf16, kernels, grad, grad_is_bf16, code, scale, b, grad_x,
-                              dw, db, &s);
+                              dw, db, method == 1, &s);
             }
         }
 #ifdef __AVX512BF16__
