@@ -94,7 +94,6 @@ def variant(
     fp32_first_block: bool = False,
     onednn_head: bool = False,
     per_block: bool = False,
-    winners_method: int = len(fused.WINNERS_METHODS) - 1,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -155,10 +154,6 @@ def variant(
     if onednn_head:  # a large first Dense left to the modules, as before the twenty-fourth session
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, fused, "bf16_dense_head_fits", lambda: False, stepper.step
-        )
-    if winners_method < fused.WINNERS_MAX_METHOD:  # 0: as before the twenty-fifth session
-        stepper.step = functools.partial(  # type: ignore[method-assign]
-            patched_step, fused, "WINNERS_MAX_METHOD", winners_method, stepper.step
         )
     if per_block:  # each fused block its own Function, as before the twenty-third session
         stepper.step = functools.partial(  # type: ignore[method-assign]
@@ -277,6 +272,7 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
         ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
         ("first block in bf16 dot products", {}, {"fp32_first_block": True}),
         ("first Dense of the C head in bf16 dot products", {}, {"onednn_head": True}),
+        # fused.WINNERS_MAX_METHOD on one model (0: as before the twenty-fifth session)
         ("winners' gradients by union rows and in bf16", {}, {"winners_method": 0}),
         ("winners' gradients in bf16 (against union rows)", {}, {"winners_method": 1}),
     ]
@@ -305,10 +301,17 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
             on, off = {**on, "module_head": True}, {**off, "module_head": True}  # as modules
         if not lever.startswith("chain"):  # each lever on its own: the blocks one by one
             on, off = {**on, "per_block": True}, {**off, "per_block": True}
-        kept, base = variant(preset, **on), variant(preset, **off)
-        if data is not None:
-            kept, base = data.drive(kept), data.drive(base)
-        ms = interleaved_ms({"on": kept.step, "off": base.step}, repeat=10, rounds=rounds)
+        kept = variant(preset, **on)
+        kept = data.drive(kept) if data is not None else kept
+        if set(off) - set(on) == {"winners_method"}:  # a module setting: one model, both ways
+            method = off["winners_method"]
+            base_step = functools.partial(
+                patched_step, fused, "WINNERS_MAX_METHOD", method, kept.step
+            )
+        else:
+            base = variant(preset, **off)
+            base_step = (data.drive(base) if data is not None else base).step
+        ms = interleaved_ms({"on": kept.step, "off": base_step}, repeat=10, rounds=rounds)
         rows.append(_row(preset, f"train step: {lever}", ms["off"], ms["on"], "ms"))
     return rows
 
