@@ -1953,10 +1953,10 @@ int winners_shape_supported(int32_t kh, int32_t run) {
  * and takes kernel row u of the channels won in the window's top row and kernel row u - 1 of
  * those won in its bottom row, those won on the right added shift vectors further. So a window
  * adds kh + 1 rows of run + shift vectors to the image's buffer, where position by position it
- * added 4 * kh rows of run vectors: `basic`'s whole winners_backward 1.17x faster on one thread
- * and 1.10x on two, on a training step's operands (the same sums in another order; two union
- * rows a pass, or kernel rows outermost, were slower). These are the (run, shift) pairs it is
- * built for: kernels 1-5 wide on 16-128 channels. */
+ * added 4 * kh rows of run vectors: `basic`'s whole winners_backward 1.10-1.18x faster on two
+ * threads and 1.12-1.17x on one, on a training step's operands (the same sums in another order;
+ * two union rows a pass, or kernel rows outermost, were slower). These are the (run, shift)
+ * pairs it is built for: kernels 1-5 wide on 16-128 channels. */
 #define UNION_SHAPES(X)                                                                      \
     X(1, 1) X(2, 1) X(3, 1) X(4, 1) X(5, 1) X(2, 2) X(4, 2) X(6, 2) X(8, 2) X(10, 2) X(3, 3)   \
     X(6, 3) X(9, 3) X(12, 3) X(15, 3) X(4, 4) X(8, 4) X(12, 4) X(16, 4) X(6, 6) X(12, 6)       \
@@ -2154,10 +2154,11 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
  * as the input gradient is rounded to bfloat16 (an even and an odd value make one 32-bit lane,
  * no shuffle) and as the chunks' weight gradients are summed. The input side goes by union rows
  * (add_union_row). No widening of the image either. Against union rows in float32 on a
- * training step's operands: `basic`'s 1.10x on one thread and 1.19x on two (1.21x and 1.53x
- * against position by position), the same bits; `dropout`'s 2x2 kernels 0.98x (second conv)
- * and 1.10x (third). An Inf or NaN input value makes its pair neighbour's products NaN too
- * (0 x Inf), where it would reach the gradients anyway. */
+ * training step's operands, the same bits: `basic`'s 1.09-1.19x on two threads and 1.10x on
+ * one (1.28x against position by position); `dropout`'s 2x2 kernels 0.98x (second conv) and
+ * 1.10x (third). Training steps on Fashion-MNIST: `basic` 1.09x with both, `dropout` 1.01x
+ * (bench_levers.py --real-data). An Inf or NaN input value makes its pair neighbour's products
+ * NaN too (0 x Inf), where it would reach the gradients anyway. */
 #ifdef __AVX512BF16__
 #define SPLIT 32 /* values per block */
 
