@@ -171,10 +171,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pool_dropout_backward.argtypes += [ctypes.c_float, pointer, i32]
     lib.pool_dropout_backward.restype = ctypes.c_int
     # (geometry, x, is_bf16, w, w_is_bf16, grad, grad_is_bf16, code, p, batch, chunk, grad_x,
-    #  grad_w, grad_b, threads)
+    #  grad_w, grad_b, max_method, threads)
     lib.winners_backward.argtypes = [geometry, pointer, i32, pointer, i32, pointer, i32, pointer]
     lib.winners_backward.argtypes += [ctypes.c_float, i64, i64, pointer, pointer, pointer, i32, i32]
     lib.winners_backward.restype = ctypes.c_int
+    # (geometry, x_is_bf16, w_is_bf16, grad_is_bf16, max_method): 0-2, fused.WINNERS_METHODS
     lib.winners_method.argtypes = [geometry, i32, i32, i32, i32]
     lib.winners_method.restype = ctypes.c_int
     # (kh, run): whether winners_backward has registers for kh rows of run vectors

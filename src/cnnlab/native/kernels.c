@@ -1984,8 +1984,9 @@ INLINE uint64_t add_rows(vf *acc, const int at, const float *restrict rows,
 /* Union row u of a window's input gradient added to `to`, from the kernels by row ([kh][out_c]
  * [run vectors]) and the channels won at each position (by_position[2 * dy + dx]). */
 INLINE void add_union_row(const float *restrict w, int kh, int out_c, int u,
-                          const float *restrict gradient, const uint64_t (*by_position)[MAX_BLOCKS / 4],
-                          int count, float *restrict to, const int run, const int shift) {
+                          const float *restrict gradient,
+                          const uint64_t (*by_position)[MAX_BLOCKS / 4], int count,
+                          float *restrict to, const int run, const int shift) {
     vf acc[MAX_UNION_VECTORS];
     for (int a = 0; a < run + shift; a++) acc[a] = (vf){0};
     uint64_t any = 0;
@@ -2272,7 +2273,8 @@ INLINE float add_split_patches(const uint16_t *restrict image, int64_t row, cons
             __m512bh even, odd;
             split_scales(gradient[at], &even, &odd);
             sum += gradient[at];
-            for (int ky = 0; ky < rows; ky++) add_split(acc + ky * run, from + ky * row, even, odd, blocks);
+            for (int ky = 0; ky < rows; ky++)
+                add_split(acc + ky * run, from + ky * row, even, odd, blocks);
         }
     for (int a = 0; a < rows * run; a++)
         _mm512_storeu_ps(dw + a * LANES, _mm512_add_ps(_mm512_loadu_ps(dw + a * LANES), acc[a]));
@@ -2338,7 +2340,8 @@ static void unsplit_weight_grad(const float *partial, int64_t chunks, int64_t w_
     for (int64_t r = 0; r < rows; r++)
         for (int k = 0; k < taps; k += SPLIT) {
             const int64_t at = r * taps + k;
-            __m512 even = _mm512_loadu_ps(partial + at), odd = _mm512_loadu_ps(partial + at + LANES);
+            __m512 even = _mm512_loadu_ps(partial + at);
+            __m512 odd = _mm512_loadu_ps(partial + at + LANES);
             for (int64_t c = 1; c < chunks; c++) {
                 even = _mm512_add_ps(even, _mm512_loadu_ps(partial + c * w_size + at));
                 odd = _mm512_add_ps(odd, _mm512_loadu_ps(partial + c * w_size + at + LANES));
