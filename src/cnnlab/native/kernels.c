@@ -2233,8 +2233,8 @@ static void winners_image(const Geometry *g, const void *x, int is_bf16, const f
  * (add_union_row). No widening of the image either. Against union rows in float32 on a
  * training step's operands, the same bits: `basic`'s 1.09-1.19x on two threads and 1.10x on
  * one (1.28x against position by position); `dropout`'s 2x2 kernels 0.98x (second conv) and
- * 1.10x (third). Training steps on Fashion-MNIST: `basic` 1.09x with both, `dropout` 1.01x
- * (bench_levers.py --real-data). An Inf or NaN input value makes its pair neighbour's products
+ * 1.10x (third) by union rows, before a window's rows went at once (add_union_window). Training
+ * steps on Fashion-MNIST: `basic` 1.09x with both (bench_levers.py --real-data). An Inf or NaN input value makes its pair neighbour's products
  * NaN too (0 x Inf), where it would reach the gradients anyway. */
 #ifdef __AVX512BF16__
 #define SPLIT 32 /* values per block */
