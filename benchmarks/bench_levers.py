@@ -20,6 +20,8 @@ AVX512-BF16):
     against union rows
   - the first fused blocks as one autograd Function (cnnlab.models.chain), against the blocks
     one by one; every other training lever is measured with the blocks one by one
+  - a whole-model chain's step without an autograd graph, its loss and gradient check in C
+    (cnnlab.training.gradients), against the chain as an autograd Function
   - fast's frozen whitening first conv (no BatchNorm), against a trained conv + BatchNorm
   - optimizer steps through cnnlab's Updater, against torch.optim's zero_grad and step
 Evaluation (4,096 images a round, batch 256, twice as many rounds as training):
@@ -69,6 +71,7 @@ from cnnlab.models import (
 )
 from cnnlab.models.folding import inference_copy
 from cnnlab.models.layers import GlobalPool2D, KerasConv2D, KerasDropout, KerasMaxPool2D
+from cnnlab.training import gradients
 from cnnlab.training.optimizers import Updater
 
 SHAPE = (1, 28, 28)
@@ -94,6 +97,7 @@ def variant(
     fp32_first_block: bool = False,
     onednn_head: bool = False,
     per_block: bool = False,
+    autograd_step: bool = False,
 ) -> Stepper:
     """The preset's training step (as `cnnlab bench` times it) with the named levers off."""
     layers = None
@@ -158,6 +162,10 @@ def variant(
     if per_block:  # each fused block its own Function, as before the twenty-third session
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, chain, "chain_prefix", lambda *args: None, stepper.step
+        )
+    if autograd_step:  # the whole-model chain through autograd, as before the twenty-sixth
+        stepper.step = functools.partial(  # type: ignore[method-assign]
+            patched_step, gradients, "whole_model_chain", lambda *args: None, stepper.step
         )
     return stepper
 
@@ -270,6 +278,7 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
         ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
         ("Dense, Dropout, Dense in one C call each way", {}, {"module_head": True}),
         ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
+        ("whole-model chain stepped without autograd", {}, {"autograd_step": True}),
         ("first block in bf16 dot products", {}, {"fp32_first_block": True}),
         ("first Dense of the C head in bf16 dot products", {}, {"onednn_head": True}),
         # fused.WINNERS_MAX_METHOD on one model (0: as before the twenty-fifth session)
@@ -291,7 +300,11 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
         by_method = lever.startswith(("winners' gradients by", "winners' gradients in"))
         if by_method and preset not in ("basic", "dropout"):
             continue
-        if lever.startswith("chain") and preset not in ("tiny", "basic", "dropout"):
+        if lever.startswith(("chain", "whole-model")) and preset not in (
+            "tiny",
+            "basic",
+            "dropout",
+        ):
             continue
         if lever.startswith("first block in") and preset not in ("basic", "dropout", "fast"):
             continue
@@ -299,7 +312,7 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
             continue
         if lever.startswith("dropout") and preset == "tiny":  # its Dropout is in the C head:
             on, off = {**on, "module_head": True}, {**off, "module_head": True}  # as modules
-        if not lever.startswith("chain"):  # each lever on its own: the blocks one by one
+        if not lever.startswith(("chain", "whole-model")):  # each on its own: blocks one by one
             on, off = {**on, "per_block": True}, {**off, "per_block": True}
         kept = variant(preset, **on)
         kept = data.drive(kept) if data is not None else kept

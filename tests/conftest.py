@@ -68,6 +68,15 @@ def kernels(request, kernels_cache, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def bf16_kernels(kernels):
+    """The native build where it has the bf16 conv-pool kernel (AVX512-BF16)."""
+    from cnnlab.models import fused
+
+    if not fused.bf16_conv_pool_built():
+        pytest.skip("this build has no bf16 conv-pool kernel (no AVX512-BF16): no bf16 chains")
+
+
+@pytest.fixture
 def torch_only(monkeypatch: pytest.MonkeyPatch):
     """Run the block without the kernel (the PyTorch modules), restoring the cache afterwards."""
     monkeypatch.setenv("CNNLAB_NATIVE", "0")

@@ -46,3 +46,18 @@ def per_block():
         yield
     finally:
         chain.chain_prefix = original
+
+
+@contextlib.contextmanager
+def through_autograd():
+    """Training steps through autograd (the chain as an autograd Function), as before
+    cnnlab.training.gradients stepped whole-model chains without a graph: for tests that hold
+    the chain to the blocks one by one, bit for bit."""
+    from cnnlab.training import gradients
+
+    original = gradients.whole_model_chain
+    gradients.whole_model_chain = lambda *args: None
+    try:
+        yield
+    finally:
+        gradients.whole_model_chain = original

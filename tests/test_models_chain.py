@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import per_block, state_hash
+from helpers import per_block, state_hash, through_autograd
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -83,13 +83,6 @@ def assert_same_pass(model: CnnModel, x: torch.Tensor, bf16: bool = True) -> int
     for name, grad in grads.items():
         assert torch.equal(grad, ref_grads[name]), name
     return calls
-
-
-@pytest.fixture
-def bf16_kernels(kernels):
-    """The native build where it has the bf16 conv-pool kernel (AVX512-BF16)."""
-    if not fused.bf16_conv_pool_built():
-        pytest.skip("this build has no bf16 conv-pool kernel (no AVX512-BF16): no bf16 chains")
 
 
 @pytest.mark.parametrize(
@@ -316,7 +309,7 @@ def test_training_with_the_chain_gives_the_blocks_weights(bf16_kernels, squares)
         model = build_model(layers, (1, 12, 12), 4)
         config = TrainConfig(epochs=2, batch_size=24, lr=3e-3)
         trainer = Trainer(model, config, squares, None, Preprocessing((1, 12, 12)), seed=3)
-        with ChainCalls() as counter:
+        with ChainCalls() as counter, through_autograd():
             if chained:
                 trainer.fit()
             else:

@@ -9,17 +9,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cnnlab.inference import (
     Preprocessing,
-    autocast_for,
     predict_logits,
     prepare_batch,
     select_device,
     uses_bf16,
 )
 from cnnlab.models import build_model, preset_layers, summarize_model
+from cnnlab.training.gradients import loss_and_grads
 from cnnlab.training.optimizers import Updater
 
 
@@ -86,7 +85,8 @@ def matmul_ceiling(
 
 class Stepper:
     """One preset's model, optimiser and a fixed batch; `step()` is one training step as the
-    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, fused Adam).
+    Trainer does it (normalise uint8, channels_last, autocast, cross-entropy, the gradient
+    checks, fused Adam).
     Frozen layers stay frozen; random weights stand in for patch whitening's."""
 
     def __init__(
@@ -120,11 +120,10 @@ class Stepper:
 
     def step(self) -> None:
         inputs = prepare_batch(self.images, self.prep, self.device, self.channels_last)
-        with autocast_for(self.device, self.amp):
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float(), self.labels)
         self.updater.zero_grad()
-        loss.backward()
+        loss_and_grads(
+            self.model, inputs, self.labels, self.updater.params, device=self.device, amp=self.amp
+        )
         self.updater.step()
 
 

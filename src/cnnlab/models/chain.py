@@ -184,27 +184,39 @@ class Chain:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _ChainFunction.apply(x, self, *self.params)
 
+    def forward_kept(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """The stages' forward passes outside autograd: the output, and what each stage keeps
+        for its backward pass."""
+        kept = []
+        for stage in self.stages:
+            x, saved = stage.forward(x)
+            kept.append(saved)
+        return x, kept
+
+    def backward_kept(
+        self, kept: list[Any], grad: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor | None, Grads]:
+        """The stages' backward passes in reverse order, from the gradient of the output: the
+        input's gradient (None unless `input_grad`) and one gradient per entry of `params`."""
+        grads: Grads = []
+        for k in reversed(range(len(self.stages))):
+            grad, stage_grads = self.stages[k].backward(kept[k], grad, k > 0 or input_grad)
+            grads[:0] = stage_grads
+        return grad, grads
+
 
 class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, chain: Chain, *params: Any) -> torch.Tensor:  # type: ignore[override]
-        saved = []
-        for stage in chain.stages:
-            x, kept = stage.forward(x)
-            saved.append(kept)
-        ctx.chain, ctx.kept = chain, saved
+        x, ctx.kept = chain.forward_kept(x)
+        ctx.chain = chain
         ctx.save_for_backward(*(p for p in params if p is not None))  # in-place change checks
         return x
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         ctx.saved_tensors  # noqa: B018  (raises if a weight changed since the forward pass)
-        stages, kept = ctx.chain.stages, ctx.kept
-        grads: Grads = []
-        for k in reversed(range(len(stages))):
-            input_grad = k > 0 or ctx.needs_input_grad[0]
-            grad, stage_grads = stages[k].backward(kept[k], grad, input_grad)
-            grads[:0] = stage_grads
+        grad, grads = ctx.chain.backward_kept(ctx.kept, grad, ctx.needs_input_grad[0])
         del ctx.kept
         needed = ctx.needs_input_grad[2:]
         return grad, None, *(g if need else None for g, need in zip(grads, needed, strict=True))
@@ -431,3 +443,51 @@ def chain_prefix(stack: nn.Module, layers: Sequence[nn.Module], x: torch.Tensor)
     if chain is None or entry.watched(chain.modules):
         return None
     return chain
+
+
+def whole_model_chain(model: nn.Module, x: torch.Tensor) -> Chain | None:
+    """The chain that runs every layer of `model` (a CnnModel) in this training step on x, where
+    one does and no hook watches the model, its layers or its parameters' gradients; else None.
+
+    A step of such a model needs no autograd graph around it: `Chain.forward_kept`, then
+    `Chain.backward_kept` from the logits' gradient, then `accumulate_grads` (see
+    cnnlab.training.gradients)."""
+    from cnnlab.models.layers import CnnModel
+
+    if not isinstance(model, CnnModel) or type(model).forward is not CnnModel.forward:
+        return None
+    stack = model.layers
+    if not fused.unwatched(model, stack):
+        return None
+    layers = list(stack)
+    found = chain_prefix(stack, layers, x)
+    if found is None or found.modules != len(layers):
+        return None
+    for param in found.params:
+        if param is not None and (param._backward_hooks or param._post_accumulate_grad_hooks):
+            return None
+    return found
+
+
+def accumulate_grads(params: Sequence[torch.Tensor | None], grads: Grads) -> None:
+    """Add each gradient to its parameter's `.grad` as autograd does: in the parameter's dtype
+    and layout, set where `.grad` is None and added where it is not. Parameters that take no
+    gradient are left alone."""
+    for param, grad in zip(params, grads, strict=True):
+        if param is None or grad is None or not param.requires_grad:
+            continue
+        if grad.dtype != param.dtype or not _same_layout(grad, param):
+            grad = torch.empty_like(param).copy_(grad)
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad += grad
+
+
+def _same_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether autograd would keep `grad` as `param`'s gradient as it is: the same strides,
+    except along dimensions of size 1 (which no element steps along)."""
+    return all(
+        stride == wanted or (size == 1 and stride != 0)
+        for size, stride, wanted in zip(grad.shape, grad.stride(), param.stride(), strict=True)
+    )

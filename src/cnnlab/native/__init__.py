@@ -198,6 +198,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.dense_head_xf_floats.argtypes = [i64, i32, i32]
     lib.dense_head_xf_floats.restype = i64
     lib.dense_head_backward.restype = ctypes.c_int
+    # (logits, labels, n, k, smoothing, grad, loss, correct)
+    lib.softmax_cross_entropy.argtypes = [pointer, pointer, i64, i32, ctypes.c_double, pointer]
+    lib.softmax_cross_entropy.argtypes += [pointer, pointer]
+    lib.softmax_cross_entropy.restype = ctypes.c_int
+    # (arrays, sizes, count)
+    lib.all_finite.argtypes = [pointer, pointer, i32]
+    lib.all_finite.restype = ctypes.c_int
     return lib
 
 

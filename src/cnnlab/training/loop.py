@@ -19,9 +19,10 @@ from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import Augment, augment_batch
 from cnnlab.data.types import ImageSet
 from cnnlab.errors import CnnlabError
-from cnnlab.inference import Preprocessing, autocast_for, predict_logits, prepare_batch
+from cnnlab.inference import Preprocessing, predict_logits, prepare_batch
 from cnnlab.models.layers import CnnModel
 from cnnlab.models.whitening import WHITENING_IMAGES, init_whitening, uses_whitening
+from cnnlab.training.gradients import loss_and_grads
 from cnnlab.training.metrics import classification_metrics
 from cnnlab.training.optimizers import Updater, make_optimizer
 from cnnlab.training.schedules import lr_at
@@ -219,27 +220,19 @@ class Trainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast_for(self.device, self.config.amp):
-            logits = self.forward(inputs)
-        loss = F.cross_entropy(
-            logits.float(),
+        self.updater.zero_grad()
+        result = loss_and_grads(
+            self.model,
+            inputs,
             labels,
-            weight=self.class_weights,
+            self.updater.params,
+            device=self.device,
+            amp=self.config.amp,
+            forward=self.forward,
+            class_weights=self.class_weights,
             label_smoothing=self.config.label_smoothing,
         )
-        self.updater.zero_grad()
-        loss.backward()
-        # NaN/inf in any gradient makes its norm, and so the sum of norms, non-finite.
-        grads = self.updater.grads()
-        grad_norms = torch._foreach_norm(grads) if grads else []
-        correct = (logits.argmax(1) == labels).sum(dtype=torch.float32)
-        # One device-to-host transfer per step for the loss, the accuracy count and the
-        # finiteness check (was four syncs; each one stalls a GPU's queue), in as few ops as
-        # can do it: each costs 10-30 us of a CPU step.
-        loss_value, correct_value, *norms = torch.stack(
-            [loss.detach(), correct, *(norm.float() for norm in grad_norms)]
-        ).tolist()
-        grad_value = math.fsum(norms)
+        loss_value = result.loss
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"Training stopped at epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
@@ -247,14 +240,14 @@ class Trainer:
                 "Lower the learning rate (--lr), check the data for NaN pixels, or add "
                 "BatchNormalization."
             )
-        if not math.isfinite(grad_value):
+        if not result.finite_grads:
             raise NonFiniteLossError(
                 f"Training stopped at epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
                 "a gradient became NaN or infinite. The saved checkpoints keep the last finite "
                 "state. Lower the learning rate (--lr)."
             )
         self.updater.step()  # only after both checks: a bad step never reaches the weights
-        return loss_value, int(correct_value)
+        return loss_value, result.correct
 
     def _checkpoint_due(self) -> bool:
         every_steps = self.config.checkpoint_every_steps

@@ -78,10 +78,6 @@ class Updater:
         for p in self.params:
             p.grad = None
 
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients present, in parameter order."""
-        return [p.grad for p in self.params if p.grad is not None]
-
     def step(self) -> None:
         """optimizer.step()."""
         lists = self._fused_adam_lists()
