@@ -166,3 +166,26 @@ def test_bench_command_prints_json(capsys):
 def test_bench_command_rejects_an_unknown_preset(capsys):
     assert main(["bench", "--presets", "nope"]) == 2
     assert "Unknown preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["tiny", "fast"])
+def test_a_stepper_step_trains_every_parameter_with_any_optimiser_steps(preset):
+    """Stepper steps as the Trainer does (a whole-model chain without a graph for `tiny` under
+    bf16, autograd for `fast`), with its own updater or another one in its place
+    (benchmarks/bench_levers.py swaps in torch.optim's)."""
+    from cnnlab.benchmark import Stepper
+
+    stepper = Stepper(preset, (1, 28, 28), 8, torch.device("cpu"), amp=True)
+
+    class TorchOptimSteps:
+        def zero_grad(self) -> None:
+            stepper.optimizer.zero_grad(set_to_none=True)
+
+        def step(self) -> None:
+            stepper.optimizer.step()
+
+    for updater in (stepper.updater, TorchOptimSteps()):
+        stepper.updater = updater
+        before = [p.detach().clone() for p in stepper.params]
+        stepper.step()
+        assert all(not torch.equal(p, b) for p, b in zip(stepper.params, before, strict=True))

@@ -108,8 +108,8 @@ class Stepper:
         self.channels_last = channels_last
         summary = summarize_model(self.model)
         self.flops, self.train_flops = summary.flops, summary.train_flops
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=1e-3, fused=True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=1e-3, fused=True)
         self.updater = Updater(self.optimizer)  # as training steps it
         self.prep = Preprocessing(input_shape)
         self.images = torch.randint(
@@ -122,7 +122,7 @@ class Stepper:
         inputs = prepare_batch(self.images, self.prep, self.device, self.channels_last)
         self.updater.zero_grad()
         loss_and_grads(
-            self.model, inputs, self.labels, self.updater.params, device=self.device, amp=self.amp
+            self.model, inputs, self.labels, self.params, device=self.device, amp=self.amp
         )
         self.updater.step()
 
