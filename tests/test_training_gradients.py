@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 
 from cnnlab.config import TrainConfig
 from cnnlab.inference import Preprocessing
-from cnnlab.models import build_model, chain, preset_layers
+from cnnlab.models import (
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    build_model,
+    chain,
+    preset_layers,
+)
 from cnnlab.models.layers import CnnModel
 from cnnlab.training import gradients
 from cnnlab.training.loop import NonFiniteLossError, Trainer
@@ -39,24 +48,25 @@ def batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, 10, (n,), generator=generator)
 
 
-def step(model: CnnModel, x: torch.Tensor, y: torch.Tensor, **options) -> gradients.StepLoss:
+def step(
+    model: CnnModel, x: torch.Tensor, y: torch.Tensor, amp: bool = True, **options
+) -> gradients.StepLoss:
     torch.manual_seed(7)  # the same dropout masks for each way
     return gradients.loss_and_grads(
-        model, x, y, list(model.parameters()), device=CPU, amp=True, **options
+        model, x, y, list(model.parameters()), device=CPU, amp=amp, **options
     )
 
 
-def both_ways(preset: str, **options):
+def both_ways(model: CnnModel, amp: bool = True, **options):
     """The report and gradients of one step without a graph and of the same step through
     autograd, on copies of one model."""
-    model = preset_model(preset)
     direct, autograd = copy.deepcopy(model), copy.deepcopy(model)
     x, y = batch()
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
         assert gradients.whole_model_chain(direct, x) is not None  # the path under test runs
-    direct_loss = step(direct, x, y, **options)
+    direct_loss = step(direct, x, y, amp, **options)
     with through_autograd():
-        autograd_loss = step(autograd, x, y, **options)
+        autograd_loss = step(autograd, x, y, amp, **options)
     grads = [
         (p.grad, q.grad) for p, q in zip(direct.parameters(), autograd.parameters(), strict=True)
     ]
@@ -73,16 +83,35 @@ def assert_close_grads(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 @pytest.mark.parametrize("preset", ["tiny", "basic", "dropout"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_a_step_without_a_graph_gives_the_autograd_step(bf16_kernels, preset, smoothing):
-    direct, autograd, grads = both_ways(preset, label_smoothing=smoothing)
+    direct, autograd, grads = both_ways(preset_model(preset), label_smoothing=smoothing)
     assert direct.loss == pytest.approx(autograd.loss, rel=1e-6)
     assert direct.correct == autograd.correct
     assert direct.finite_grads and autograd.finite_grads
     assert_close_grads(grads)
 
 
+def test_a_chain_of_a_first_block_and_a_head_steps_without_a_graph_too(bf16_kernels):
+    """A conv-pool block on the input and a Dense-Dropout-Dense head make a whole chain under
+    bf16 autocast, with no conv after the first (a chain of other stages than the presets')."""
+    layers = [
+        Conv2D(16, (3, 3), activation="relu"),
+        MaxPool2D((2, 2)),
+        Flatten(),
+        Dense(32, activation="relu"),
+        Dropout(0.25),
+        Dense(10),
+    ]
+    torch.manual_seed(0)
+    model = build_model(layers, SHAPE, 10).to(memory_format=torch.channels_last)
+    direct, autograd, grads = both_ways(model, label_smoothing=0.1)
+    assert direct.loss == pytest.approx(autograd.loss, rel=1e-6)
+    assert direct.correct == autograd.correct
+    assert_close_grads(grads)
+
+
 def test_class_weights_take_torch_s_loss_on_the_logits(bf16_kernels):
     weights = torch.linspace(0.5, 2.0, 10)
-    direct, autograd, grads = both_ways("basic", class_weights=weights)
+    direct, autograd, grads = both_ways(preset_model("basic"), class_weights=weights)
     assert direct.loss == pytest.approx(autograd.loss, rel=1e-6)
     assert direct.correct == autograd.correct
     assert_close_grads(grads)
