@@ -37,27 +37,26 @@ def counted(name: str):
 
 
 @contextlib.contextmanager
-def per_block():
-    """Each fused block as its own autograd Function inside the block, as without
-    cnnlab.models.chain: for tests of the blocks themselves."""
-    original = chain.chain_prefix
-    chain.chain_prefix = lambda *args: None
+def finding_none(owner: object, name: str):
+    """owner.name (a planning function) finds nothing inside the block: it returns None."""
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *args: None)
     try:
         yield
     finally:
-        chain.chain_prefix = original
+        setattr(owner, name, original)
 
 
-@contextlib.contextmanager
+def per_block():
+    """Each fused block as its own autograd Function inside the block, as without
+    cnnlab.models.chain: for tests of the blocks themselves."""
+    return finding_none(chain, "chain_prefix")
+
+
 def through_autograd():
     """Training steps through autograd (the chain as an autograd Function), as before
     cnnlab.training.gradients stepped whole-model chains without a graph: for tests that hold
     the chain to the blocks one by one, bit for bit."""
     from cnnlab.training import gradients
 
-    original = gradients.whole_model_chain
-    gradients.whole_model_chain = lambda *args: None
-    try:
-        yield
-    finally:
-        gradients.whole_model_chain = original
+    return finding_none(gradients, "whole_model_chain")
