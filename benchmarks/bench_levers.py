@@ -163,7 +163,7 @@ def variant(
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, chain, "chain_prefix", lambda *args: None, stepper.step
         )
-    if autograd_step:  # the whole-model chain through autograd, as before the twenty-sixth
+    if autograd_step:  # whole-model chains through autograd, as before the 26th session
         stepper.step = functools.partial(  # type: ignore[method-assign]
             patched_step, gradients, "whole_model_chain", lambda *args: None, stepper.step
         )
