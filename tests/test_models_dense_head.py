@@ -174,7 +174,7 @@ def test_dense_head_draws_the_mask_that_dropout_draws(kernels):
         second.bias.zero_()
     x = torch.randn(9, 32)
     torch.manual_seed(11)
-    seed = fused._dropout_seed()
+    seed = fused.dropout_seed()
     expected = fused._apply_dropout(F.linear(x, first.weight, first.bias), 0.5, seed)
     torch.manual_seed(11)
     seen = fused.dense_head(first, dropout, second, x.requires_grad_()).detach()
@@ -357,7 +357,7 @@ def test_bf16_head_multiplies_bf16_values_and_sums_in_float32(
         torch.set_num_threads(previous)
     torch.manual_seed(3)
     ones = torch.ones(batch, hidden)
-    factor = (fused._apply_dropout(ones, p, fused._dropout_seed()) if p else ones).double()
+    factor = (fused._apply_dropout(ones, p, fused.dropout_seed()) if p else ones).double()
     hidden_values = bf16_values(x) @ bf16_values(w1).T + (b1.double() if use_bias else 0.0)
     act = saved.act[:, :hidden].double()  # the kernel's own ReLU decides the mask below
     assert_close_fp32(act, hidden_values.clamp(min=0) if relu else hidden_values)

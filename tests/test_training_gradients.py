@@ -117,6 +117,19 @@ def test_class_weights_take_torch_s_loss_on_the_logits(bf16_kernels):
     assert_close_grads(grads)
 
 
+def test_class_weights_leave_the_kept_logits_alone_from_step_to_step(bf16_kernels):
+    """The loss with class weights takes autograd on the logits, which a StepProgram keeps in a
+    buffer: a second step on the same batch gives the first step's gradients again, not a sum."""
+    model, (x, y) = preset_model("basic"), batch()
+    weights = torch.linspace(0.5, 2.0, 10)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        step(model, x, y, class_weights=weights)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_training_without_a_graph_stays_beside_the_autograd_steps(bf16_kernels, squares):
     """Two epochs through the Trainer (Adam, dropout, a smaller last batch) end on nearly the
     same weights; the loss differs only in its last bits (another order of sums)."""

@@ -201,7 +201,7 @@ def _pointer(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
 
 
-def _padded(values: int) -> int:
+def padded_to_lanes(values: int) -> int:
     """values rounded up to whole vectors of native.LANES."""
     return -(-values // native.LANES) * native.LANES
 
@@ -444,7 +444,7 @@ def pool_dropout_fits(pool: KerasMaxPool2D, dropout: nn.Dropout, x: torch.Tensor
     )
 
 
-def _dropout_seed() -> int:
+def dropout_seed() -> int:
     """One draw from PyTorch's generator seeding a C dropout call's mask, as `_Dropout` draws it,
     so that `torch.manual_seed` and checkpoints govern the mask."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
@@ -457,7 +457,7 @@ def _run_pool_dropout(
     lib = native.library()
     assert lib is not None
     y, code, shape = _pool_outputs(x, pool_h, pool_w)
-    seed = _dropout_seed()
+    seed = dropout_seed()
     is_bf16 = int(x.dtype == torch.bfloat16)
     outputs = (_pointer(y), _pointer(code), torch.get_num_threads())
     _check(lib.pool_dropout_forward(_pointer(x), is_bf16, *shape, int(relu), p, seed, *outputs))
@@ -576,7 +576,7 @@ def winners_fit(conv: KerasConv2D, pool: KerasMaxPool2D) -> bool:
 @functools.lru_cache(maxsize=64)
 def _winners_shape(kh: int, kw: int, in_c: int) -> bool:
     lib = native.library()
-    run = _padded(kw * in_c) // native.LANES
+    run = padded_to_lanes(kw * in_c) // native.LANES
     return lib is not None and bool(lib.winners_shape_supported(kh, run))
 
 
@@ -670,7 +670,7 @@ def conv_pool_act_dropout_bf16(
     pooled, code = _conv_pool_bf16(x, weight, bias, g)
     if not relu and p == 0.0:
         return pooled, code
-    seed = _dropout_seed() if p > 0.0 else 0
+    seed = dropout_seed() if p > 0.0 else 0
     n, threads = pooled.numel(), torch.get_num_threads()
     _check(
         lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
@@ -771,14 +771,14 @@ def pooled_grad_fits(conv: KerasConv2D, pool: KerasMaxPool2D, x: torch.Tensor) -
 def _shifted_floats(out_c: int, in_c: int, kh: int, kw: int) -> int:
     """Floats of pooled_input_grad's shifted kernels: [out_c][4][kh + 1][wide_run], wide_run =
     (kw + 1) * in_c rounded up to whole vectors."""
-    return out_c * 4 * (kh + 1) * _padded((kw + 1) * in_c)
+    return out_c * 4 * (kh + 1) * padded_to_lanes((kw + 1) * in_c)
 
 
 def input_grad_fits(conv: KerasConv2D) -> bool:
     """Whether `conv_then_pool` computes this conv's input gradient in C (pooled_input_grad)."""
     kh, kw = conv.kernel_size
     return (
-        _padded((kw + 1) * conv.in_channels) <= native.MAX_RUN
+        padded_to_lanes((kw + 1) * conv.in_channels) <= native.MAX_RUN
         and 4 * _shifted_floats(conv.out_channels, conv.in_channels, kh, kw) <= MAX_SHIFTED_BYTES
     )
 
@@ -987,7 +987,7 @@ def _apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        seed = _dropout_seed()
+        seed = dropout_seed()
         ctx.p, ctx.seed = p, seed
         ctx.dtype, ctx.memory_format = x.dtype, _memory_format(x)
         return _apply_dropout(x, p, seed)
@@ -1079,12 +1079,12 @@ def dense_head_run(
     b2 = b2.detach().contiguous() if b2 is not None else None
     (batch, in_f), hidden, out_f = x.shape, w1.shape[0], w2.shape[0]
     threads = torch.get_num_threads()
-    parts = min(threads, _padded(hidden) // native.LANES)  # of the hidden units, per thread
+    parts = min(threads, padded_to_lanes(hidden) // native.LANES)  # of the hidden units, per thread
     xf = torch.empty(parts, lib.dense_head_xf_floats(batch, in_f, int(bf16)))
-    act = torch.empty(batch, _padded(hidden))
+    act = torch.empty(batch, padded_to_lanes(hidden))
     dropped, factor = torch.empty_like(act), torch.empty_like(act)
     logits = torch.empty(batch, out_f)
-    seed = _dropout_seed() if p > 0.0 else 0  # as the Dropout module draws it
+    seed = dropout_seed() if p > 0.0 else 0  # as the Dropout module draws it
     _check(
         lib.dense_head_forward(
             _pointer(x),

@@ -5,7 +5,8 @@ Where `cnnlab.models.chain` runs every layer of a model as one chain (`tiny`, `b
 `dropout` on a CPU with bf16), no autograd graph is built: the chain's forward pass gives the
 logits, one C call (`softmax_cross_entropy`) the loss, its gradient and the accuracy count, the
 chain's backward pass the gradients, which go to the parameters as autograd would put them, and
-one more C call checks that they are finite. That skips the autograd Function, the engine, a
+one more C call checks that they are finite. Both passes run as a `StepProgram`
+(cnnlab.models.chain_step): the chain's kernels on buffers kept from step to step. That skips the autograd Function, the engine, a
 gradient node per parameter and a dozen small PyTorch ops around the kernels; on a 2-core CPU
 each of those costs several times what it does in a loop of its own, because the kernels between
 them leave the caches and branch predictors cold (README, Performance).
@@ -25,6 +26,7 @@ from torch import nn
 from cnnlab import native
 from cnnlab.inference import autocast_for
 from cnnlab.models.chain import accumulate_grads, whole_model_chain
+from cnnlab.models.chain_step import program_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +57,13 @@ def loss_and_grads(
     forward = forward or model
     with autocast_for(device, amp):
         whole = whole_model_chain(model, inputs) if forward is model else None
-        if whole is None:
+        program = program_for(whole, inputs.shape[0]) if whole is not None else None
+        if program is None:
             logits = forward(inputs)
         else:
             with torch.no_grad():
-                logits, kept = whole.forward_kept(inputs)
-    if whole is None:
+                logits = program.forward(inputs)
+    if program is None:
         loss = F.cross_entropy(
             logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing
         )
@@ -68,15 +71,15 @@ def loss_and_grads(
         return _checked(loss.detach(), logits.detach(), labels, params)
     if class_weights is None:
         grad, loss_value, correct = softmax_cross_entropy(logits, labels, label_smoothing)
-    else:
-        leaf = logits.float().requires_grad_()
+    else:  # the program's logits are a buffer it keeps: a leaf of their own for autograd
+        leaf = logits.detach().float().requires_grad_()
         loss = F.cross_entropy(leaf, labels, weight=class_weights, label_smoothing=label_smoothing)
         loss.backward()
         grad, loss_value = leaf.grad, loss.item()
         correct = int((logits.argmax(1) == labels).sum())
     with torch.no_grad():
-        _, grads = whole.backward_kept(kept, grad.to(logits.dtype), input_grad=False)
-    accumulate_grads(whole.params, grads)
+        grads = program.backward(grad.to(logits.dtype).contiguous())
+    accumulate_grads(program.chain.params, grads)
     present = [p.grad for p in params if p.grad is not None]
     return StepLoss(loss_value, correct, all_finite(present))
 
