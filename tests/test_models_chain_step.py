@@ -18,6 +18,7 @@ from cnnlab.models import (
     build_model,
     chain,
     chain_step,
+    fused,
     preset_layers,
 )
 from cnnlab.models.layers import CnnModel
@@ -150,3 +151,13 @@ def test_chains_of_other_stages_take_no_program(bf16_kernels):
     no_head = dataclasses.replace(found, stages=found.stages[:-2])
     assert not chain_step.fits(no_head)
     assert chain_step.program_for(no_head, 8) is None
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_seeds_drawn_at_once_are_those_drawn_one_by_one(count):
+    torch.manual_seed(11)
+    one_by_one = [fused.dropout_seed() for _ in range(count)]
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    assert fused.dropout_seeds(count) == one_by_one
+    assert torch.equal(torch.rand(3), after)  # the generator moved on as far

@@ -476,7 +476,8 @@ def accumulate_grads(params: Sequence[torch.Tensor | None], grads: Grads) -> Non
     for param, grad in zip(params, grads, strict=True):
         if param is None or grad is None or not param.requires_grad:
             continue
-        if grad.dtype != param.dtype or not _same_layout(grad, param):
+        same_strides = grad.stride() == param.stride()  # the usual case, without a loop
+        if grad.dtype != param.dtype or not (same_strides or _same_layout(grad, param)):
             grad = torch.empty_like(param).copy_(grad)
         if param.grad is None:
             param.grad = grad

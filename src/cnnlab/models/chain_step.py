@@ -17,6 +17,7 @@ gradients are bit for bit those of `forward_kept` and `backward_kept`
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ class _FirstRun:
         self.kernel = lib.conv_pool_forward_pairs if pairs else lib.conv_pool_forward
         self.weight_grad = lib.conv_pool_weight_grad
         self.out_dtype = stage.out_dtype
+        self.p = 0.0  # no dropout
 
     def forward(self, x: torch.Tensor, threads: int) -> tuple[Pointer, torch.dtype]:
         conv = self.stage.conv
@@ -127,7 +129,7 @@ class _WinnersRun:
     def __init__(self, stage: WinnersBlock, batch: int, in_shape: tuple[int, ...]) -> None:
         g = self.geometry = stage.geometry
         self.stage, self.batch, self.ref = stage, batch, ctypes.byref(g)
-        self.in_shape = in_shape
+        self.in_shape, self.p = in_shape, stage.p
         left, right, top, bottom = stage.pad
         padded = (batch, in_shape[1], in_shape[2] + top + bottom, in_shape[3] + left + right)
         self.x_in = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
@@ -140,8 +142,11 @@ class _WinnersRun:
         self.conv_pool, self.act_dropout = lib.conv_pool_forward_bf16, lib.act_dropout_forward
         self.winners = lib.winners_backward
 
-    def forward(self, x: torch.Tensor, threads: int) -> tuple[Pointer, torch.dtype]:
-        """x: the previous stage's output buffer, as a (B, C, H, W) channels_last tensor."""
+    def forward(
+        self, x: torch.Tensor, threads: int, seeds: Iterator[int]
+    ) -> tuple[Pointer, torch.dtype]:
+        """x: the previous stage's output buffer, as a (B, C, H, W) channels_last tensor; seeds:
+        the step's dropout seeds in stage order."""
         stage, conv = self.stage, self.stage.conv
         if any(stage.pad):
             self.x_in.copy_(F.pad(x, stage.pad))
@@ -163,9 +168,9 @@ class _WinnersRun:
                 threads,
             )
         )
-        p = stage.p
+        p = self.p
         if stage.relu or p > 0.0:
-            seed = fused.dropout_seed() if p > 0.0 else 0
+            seed = next(seeds) if p > 0.0 else 0
             n = self.y.numel()
             _check(
                 self.act_dropout(
@@ -230,11 +235,13 @@ class _HeadRun:
         self.forward_kernel, self.backward_kernel = lib.dense_head_forward, lib.dense_head_backward
         self.grad_x: dict[torch.dtype, torch.Tensor] = {}
 
-    def forward(self, x: Pointer, x_dtype: torch.dtype, threads: int) -> torch.Tensor:
+    def forward(
+        self, x: Pointer, x_dtype: torch.dtype, threads: int, seeds: Iterator[int]
+    ) -> torch.Tensor:
         self.x_dtype = x_dtype
         self.weights = [_dense(t) if t is not None else None for t in self.stage.params]
         w1, b1, w2, b2 = (t.data_ptr() if t is not None else None for t in self.weights)
-        seed = fused.dropout_seed() if self.p > 0.0 else 0  # as the Dropout module draws it
+        seed = next(seeds) if self.p > 0.0 else 0
         buffers = (self.xf, self.act, self.dropped, self.factor, self.logits)
         _check(
             self.forward_kernel(
@@ -320,16 +327,19 @@ class StepProgram:
             else:
                 run = _HeadRun(stage, batch, shape[1], threads)
             self.runs.append(run)
+        self.dropouts = sum(run.p > 0.0 for run in self.runs)  # seeds a step draws
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         threads = self.threads
         first, *middle, head = self.runs
+        # one draw for every dropout of the step, as each Dropout module would draw its own
+        seeds = iter(fused.dropout_seeds(self.dropouts))
         pointer, dtype = first.forward(x, threads)
         out = first.y
         for run in middle:
-            pointer, dtype = run.forward(out, threads)
+            pointer, dtype = run.forward(out, threads, seeds)
             out = run.y
-        return head.forward(pointer, dtype, threads)
+        return head.forward(pointer, dtype, threads, seeds)
 
     def backward(self, grad_logits: torch.Tensor) -> Grads:
         threads = self.threads

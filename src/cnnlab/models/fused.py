@@ -450,6 +450,12 @@ def dropout_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
+def dropout_seeds(count: int) -> list[int]:
+    """`count` calls of `dropout_seed` in one op: the same seeds, and the generator left in the
+    same state (tests/test_models_chain_step.py)."""
+    return torch.randint(0, 2**63 - 1, (count,), dtype=torch.int64).tolist() if count else []
+
+
 def _run_pool_dropout(
     x: torch.Tensor, pool_h: int, pool_w: int, relu: bool, p: float
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
