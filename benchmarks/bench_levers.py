@@ -278,7 +278,7 @@ def training_rows(preset: str, rounds: int, data: RealBatches | None = None) -> 
         ("winners' gradients on rows of part vectors", {}, {"whole_vector_winners": True}),
         ("Dense, Dropout, Dense in one C call each way", {}, {"module_head": True}),
         ("chain: the first fused blocks as one Function", {}, {"per_block": True}),
-        ("whole-model chain stepped without autograd", {}, {"autograd_step": True}),
+        ("whole-model chain stepped without autograd (StepProgram)", {}, {"autograd_step": True}),
         ("first block in bf16 dot products", {}, {"fp32_first_block": True}),
         ("first Dense of the C head in bf16 dot products", {}, {"onednn_head": True}),
         # fused.WINNERS_MAX_METHOD on one model (0: as before the twenty-fifth session)

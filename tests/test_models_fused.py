@@ -142,13 +142,18 @@ def test_kernel_matches_the_modules_in_fp32(
         (16, (1, 7), "valid", "same"),  # the longest rows
         (48, (2, 7), "same", "valid"),
         (16, (5, 3), "valid", "valid"),
+        (8, (3, 3), "valid", "valid"),  # tiny's: two windows to a vector
+        (8, (5, 5), "same", "same"),  # the widest kernel rows that pair windows
+        (8, (2, 3), "same", "valid"),
+        (8, (1, 6), "valid", "valid"),  # too wide to pair: four FMAs a tap
     ],
 )
 def test_one_channel_weight_gradient_matches_the_modules(
     kernels, filters, kernel, padding, pool_padding
 ):
-    """Grey images' first convs on whole vectors of channels (AVX-512 builds pick each channel's
-    input at its winner by a lane permutation): the same gradients as the modules, with windows
+    """Grey images' first convs on whole vectors of channels, or on half a vector with two
+    windows to a vector (AVX-512 builds pick each channel's input at its winner by a lane
+    permutation): the same gradients as the modules, with windows
     the ReLU zeroed, windows that the pool's padding cuts, and a batch that is not a whole number
     of chunks."""
     torch.manual_seed(filters)

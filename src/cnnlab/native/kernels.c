@@ -986,6 +986,13 @@ INLINE int selected_fits(const Geometry *g, int kh, int kw, int in_c) {
            g->out_c % LANES == 0;
 }
 
+/* The same for HALF channels, two windows to a vector: the second's taps lie two columns
+ * further among the row's eight values. */
+INLINE int selected_pairs_fit(const Geometry *g, int kh, int kw, int in_c) {
+    return in_c == 1 && kw + 2 <= SELECTED_MAX_KW && kh * kw <= SELECTED_MAX_TAPS &&
+           g->out_c == HALF;
+}
+
 /* Rows r and r + 1 of the padded image, eight values from column c each: in lanes 0-7 and 8-15. */
 INLINE __m512 window_rows(const float *at, int64_t row) {
     return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(at)),
@@ -1024,6 +1031,51 @@ INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, 
         if (grad_b) store(grad_b + c, load(grad_b + c) + bias_sum);
     }
 }
+
+/* weight_grad_selected for HALF channels (the `tiny` preset's 8): windows j and j + 1 side by
+ * side in one vector, lanes 0-7 and 8-15, as their codes and gradients lie in memory, each lane
+ * picking its input among rows r and r + 1 two columns further for the second window; the two
+ * halves' sums go into the spread weights that weight_grad_shaped folds. One permutation and
+ * one FMA per tap for both windows, where accumulate_packed takes four FMAs and four pairs of
+ * scalar inserts. A last odd window leaves the upper lanes at zero. */
+INLINE void weight_grad_selected_pairs(const Geometry *g, const int kh, const int kw,
+                                       const float *buf, int64_t row, const void *grad,
+                                       int grad_is_bf16, const uint8_t *argmax, int64_t first,
+                                       float *spread, vf *spread_b) {
+    const vi second = {0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2}; /* columns further */
+    vf sums[SELECTED_MAX_TAPS], bias_sum = {0};
+    for (int t = 0; t < kh * kw; t++) sums[t] = (vf){0};
+    for (int i = 0; i < g->pool_h; i++)
+        for (int j = 0; j < g->pool_w; j += 2) {
+            const int64_t at = first + ((int64_t)i * g->out_cols + j) * HALF;
+            vi code;
+            vf gradient;
+            if (j + 1 < g->pool_w) {
+                code = load_bytes(argmax + at);
+                gradient = load_any(grad, at, grad_is_bf16);
+            } else { /* one window: nothing read past it */
+                code = (vi){0} + NO_GRADIENT;
+                gradient = (vf){0};
+                for (int c = 0; c < HALF; c++) {
+                    code[c] = argmax[at + c];
+                    gradient[c] = load_one(grad, at + c, grad_is_bf16);
+                }
+            }
+            const __m512i pick = (__m512i)((code & 1) + (code >> 1 & 1) * 8 + second);
+            gradient = pick_f(lanes_equal(code, NO_GRADIENT), (vf){0}, gradient);
+            bias_sum += gradient;
+            const float *corner = buf + 2 * i * row + 2 * j;
+            for (int ky = 0; ky < kh; ky++) {
+                const __m512 rows = window_rows(corner + ky * row, row);
+                for (int kx = 0; kx < kw; kx++) {
+                    const __m512i lane = _mm512_add_epi32(pick, _mm512_set1_epi32(kx));
+                    sums[ky * kw + kx] += gradient * (vf)_mm512_permutexvar_ps(lane, rows);
+                }
+            }
+        }
+    for (int t = 0; t < kh * kw; t++) store(spread + t * LANES, load(spread + t * LANES) + sums[t]);
+    *spread_b += bias_sum;
+}
 #endif
 
 /* Images [b0, b1), accumulated into grad_w and grad_b (NULL: no bias); see forward_shaped. */
@@ -1046,6 +1098,11 @@ INLINE int weight_grad_shaped(const Geometry *g, const int kh, const int kw, con
         if (!packed && selected_fits(g, kh, kw, in_c)) {
             weight_grad_selected(g, kh, kw, buf, row, grad, grad_is_bf16, argmax, b * pooled,
                                  grad_w, grad_b);
+            continue;
+        }
+        if (packed && selected_pairs_fit(g, kh, kw, in_c)) {
+            weight_grad_selected_pairs(g, kh, kw, buf, row, grad, grad_is_bf16, argmax,
+                                       b * pooled, spread, &spread_b);
             continue;
         }
 #endif
