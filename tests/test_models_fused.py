@@ -437,7 +437,9 @@ def bf16_kernel(kernels):
         pytest.skip("this build has no AVX512-BF16: conv_then_pool keeps PyTorch's conv")
 
 
-def bf16_conv_pool(x, w, bias, pool_padding: str, pad_after: tuple[int, int], threads: int = 2):
+def bf16_conv_pool(
+    x, w, bias, pool_padding: str, pad_after: tuple[int, int], threads: int = 2, relu: bool = False
+):
     """conv_pool_forward_bf16 called directly: the pooled output and the winning positions."""
     batch, in_c, height, width = x.shape
     out_c, _, kh, kw = w.shape
@@ -460,6 +462,7 @@ def bf16_conv_pool(x, w, bias, pool_padding: str, pad_after: tuple[int, int], th
         batch,
         y.data_ptr(),
         argmax.data_ptr(),
+        int(relu),
         threads,
     )
     assert status == 0
@@ -523,6 +526,24 @@ def test_bf16_conv_pool_kernel_does_not_depend_on_threads_and_passes_nan(bf16_ke
     assert torch.isnan(one[0][3]).any() and not torch.isnan(one[0][[0, 1, 2, 4, 5, 6]]).any()
 
 
+def test_the_relu_in_the_bf16_conv_pool_kernel_is_the_act_pass(bf16_kernel):
+    """With `relu` the kernel writes what act_dropout_forward writes after it without a dropout:
+    the same bits, NaN and zeros included, and NO_GRADIENT codes where the ReLU cut."""
+    torch.manual_seed(8)
+    x = torch.randn(5, 8, 11, 11).bfloat16()
+    x[2, 3, 4, 4] = float("nan")
+    x[4] = 0.0  # every window ties at the bias
+    w, bias = torch.randn(16, 8, 3, 3) / 8, torch.randn(16)
+    fused_y, fused_code, _ = bf16_conv_pool(x, w, bias, "valid", (0, 0), relu=True)
+    y, code, _ = bf16_conv_pool(x, w, bias, "valid", (0, 0))
+    lib = native.library()
+    assert lib.act_dropout_forward(y.data_ptr(), 1, code.data_ptr(), y.numel(), 1, 0.0, 0, 2) == 0
+    assert torch.equal(fused_y.view(torch.int16), y.view(torch.int16))
+    assert torch.equal(fused_code, code)
+    no_gradient = 255  # NO_GRADIENT in kernels.c
+    assert (fused_code == no_gradient).any() and torch.isnan(fused_y[2]).any()
+
+
 def test_bf16_conv_pool_takes_even_unpadded_convs_only(bf16_kernel):
     def second_conv(preset):
         return build_model(preset_layers(preset, 10, (1, 28, 28)), (1, 28, 28), 10).layers[2]
@@ -545,7 +566,15 @@ def test_bf16_conv_pool_is_built_only_with_avx512_bf16(kernels):
         geometry = native.ConvPoolGeometry(2, 2, 2, 1, 1, 1, 0, 0, 2, 2, 1, 1, 0, 1, 1)
         out = torch.zeros(1, dtype=torch.bfloat16)
         status = lib.conv_pool_forward_bf16(
-            geometry, x.data_ptr(), torch.zeros(1, 2).data_ptr(), None, 1, out.data_ptr(), None, 1
+            geometry,
+            x.data_ptr(),
+            torch.zeros(1, 2).data_ptr(),
+            None,
+            1,
+            out.data_ptr(),
+            None,
+            0,
+            1,
         )
         assert status == -1
 

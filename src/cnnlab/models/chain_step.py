@@ -165,18 +165,15 @@ class _WinnersRun:
                 self.batch,
                 self.y.data_ptr(),
                 self.code.data_ptr(),
+                int(stage.relu and self.p == 0.0),  # the ReLU in the kernel where no dropout
                 threads,
             )
         )
-        p = self.p
-        if stage.relu or p > 0.0:
-            seed = next(seeds) if p > 0.0 else 0
-            n = self.y.numel()
-            _check(
-                self.act_dropout(
-                    self.y.data_ptr(), 1, self.code.data_ptr(), n, int(stage.relu), p, seed, threads
-                )
-            )
+        if self.p > 0.0:  # the ReLU and the dropout in one pass
+            n, seed = self.y.numel(), next(seeds)
+            y, code = self.y.data_ptr(), self.code.data_ptr()
+            relu = int(stage.relu)
+            _check(self.act_dropout(y, 1, code, n, relu, self.p, seed, threads))
         return self.y.data_ptr(), BF16
 
     def backward(

@@ -639,10 +639,14 @@ def winners_grads(
 
 
 def _conv_pool_bf16(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: native.ConvPoolGeometry
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    g: native.ConvPoolGeometry,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The bf16 conv-pool kernel on x (bf16, channels_last, padded as the conv needs): the pooled
-    output and its window positions."""
+    output and its window positions; with `relu`, after the ReLU (NO_GRADIENT where it cut)."""
     lib = native.library()
     assert lib is not None
     batch = x.shape[0]
@@ -655,7 +659,7 @@ def _conv_pool_bf16(
     w32 = weight.detach().contiguous()  # kept alive until the kernel has read it
     b32 = bias.detach().contiguous() if bias is not None else None
     inputs = (_pointer(x), _pointer(w32), _pointer(b32), batch)
-    outputs = (_pointer(pooled), _pointer(code), torch.get_num_threads())
+    outputs = (_pointer(pooled), _pointer(code), int(relu), torch.get_num_threads())
     _check(lib.conv_pool_forward_bf16(ctypes.byref(g), *inputs, *outputs))
     return pooled, code
 
@@ -670,14 +674,14 @@ def conv_pool_act_dropout_bf16(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_conv_pool_bf16`, then the ReLU and the dropout of rate p in place (act_dropout_forward:
     the mask `_run_pool_dropout` draws for the same generator state; with p = 0 no draw and no
-    dropout): the output and its codes, which `winners_grads` takes with the same p."""
+    dropout, and the ReLU in the conv-pool kernel, which gives the same values and codes without
+    a pass of its own): the output and its codes, which `winners_grads` takes with the same p."""
     lib = native.library()
     assert lib is not None
+    if p == 0.0:
+        return _conv_pool_bf16(x, weight, bias, g, relu)
     pooled, code = _conv_pool_bf16(x, weight, bias, g)
-    if not relu and p == 0.0:
-        return pooled, code
-    seed = dropout_seed() if p > 0.0 else 0
-    n, threads = pooled.numel(), torch.get_num_threads()
+    seed, n, threads = dropout_seed(), pooled.numel(), torch.get_num_threads()
     _check(
         lib.act_dropout_forward(_pointer(pooled), 1, _pointer(code), n, int(relu), p, seed, threads)
     )

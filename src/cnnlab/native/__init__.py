@@ -134,7 +134,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.conv_pool_forward_pairs.argtypes = lib.conv_pool_forward.argtypes
     lib.conv_pool_forward_pairs.restype = ctypes.c_int
     lib.conv_pool_forward_bf16.argtypes = [geometry, pointer, pointer, pointer, i64, pointer]
-    lib.conv_pool_forward_bf16.argtypes += [pointer, i32]
+    lib.conv_pool_forward_bf16.argtypes += [pointer, i32, i32]
     lib.conv_pool_forward_bf16.restype = ctypes.c_int
     lib.conv_pool_bf16_available.argtypes = []
     lib.conv_pool_bf16_available.restype = ctypes.c_int

@@ -685,17 +685,18 @@ static void forward_bf16_images(const Geometry *g, const uint16_t *x, const uint
 #endif
 
 /* pool(conv(x)) for the whole batch, images split over `threads` OpenMP threads: x bfloat16
- * [batch][in_h][in_w][in_c], in_c even, pad_top = pad_left = 0; g->relu is ignored (no
- * activation here); y bfloat16 and argmax (never NO_GRADIENT; NULL: not wanted) laid out as in
- * conv_pool_forward.
+ * [batch][in_h][in_w][in_c], in_c even, pad_top = pad_left = 0; then the ReLU where `relu` is
+ * set (g->relu is ignored), as act_dropout_forward applies it without a dropout: the same
+ * values and codes, NO_GRADIENT where it cut; y bfloat16 and argmax (NULL: not wanted) laid out
+ * as in conv_pool_forward.
  * Returns -1 where the shape does not fit or the library was built without AVX512-BF16. */
 int conv_pool_forward_bf16(const Geometry *g, const uint16_t *x, const float *w,
                            const float *bias, int64_t batch, uint16_t *y, uint8_t *argmax,
-                           int32_t threads) {
+                           int32_t relu, int32_t threads) {
 #ifdef __AVX512BF16__
     if (g->in_c % 2 || g->pad_top || g->pad_left) return -1;
     Geometry plain = *g;
-    plain.relu = 0;
+    plain.relu = relu != 0;
     float *bias_pad;
     void *block = weight_pairs(g, w, bias, &bias_pad);
     if (!block) return -2;
@@ -708,7 +709,8 @@ int conv_pool_forward_bf16(const Geometry *g, const uint16_t *x, const float *w,
     free(block);
     return 0;
 #else
-    (void)g, (void)x, (void)w, (void)bias, (void)batch, (void)y, (void)argmax, (void)threads;
+    (void)g, (void)x, (void)w, (void)bias, (void)batch, (void)y, (void)argmax, (void)relu;
+    (void)threads;
     return -1;
 #endif
 }
