@@ -177,9 +177,11 @@ class Chain:
     stages: tuple[Stage, ...]
     modules: int
 
-    @property
-    def params(self) -> list[torch.Tensor | None]:
-        return [p for stage in self.stages for p in stage.params]
+    @functools.cached_property
+    def params(self) -> tuple[torch.Tensor | None, ...]:
+        """The stages' parameters (None for a missing bias), read once: a chain is planned for
+        the parameters its plan's key names, so another parameter takes another chain."""
+        return tuple(p for stage in self.stages for p in stage.params)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _ChainFunction.apply(x, self, *self.params)

@@ -75,13 +75,13 @@ class _FirstRun:
         self.weight_grad = lib.conv_pool_weight_grad
         self.out_dtype = stage.out_dtype
         self.p = 0.0  # no dropout
+        self.weight, self.bias = stage.params  # fixed for the chain (Chain.params)
 
     def forward(self, x: torch.Tensor, threads: int) -> tuple[Pointer, torch.dtype]:
-        conv = self.stage.conv
         self.x_nhwc = _nhwc(x)
-        weight, bias = _dense(conv.weight), conv.bias
+        weight, bias = _dense(self.weight), self.bias
         bias = _dense(bias) if bias is not None else None
-        self.trains = conv.weight.requires_grad or (bias is not None and bias.requires_grad)
+        self.trains = self.weight.requires_grad or (bias is not None and bias.requires_grad)
         _check(
             self.kernel(
                 self.ref,
@@ -102,7 +102,7 @@ class _FirstRun:
             return [None, None]
         g = self.geometry
         grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw))
-        grad_b = torch.empty(g.out_c) if self.stage.conv.bias is not None else None
+        grad_b = torch.empty(g.out_c) if self.bias is not None else None
         _check(
             self.weight_grad(
                 self.ref,
@@ -130,6 +130,7 @@ class _WinnersRun:
         g = self.geometry = stage.geometry
         self.stage, self.batch, self.ref = stage, batch, ctypes.byref(g)
         self.in_shape, self.p = in_shape, stage.p
+        self.weight, self.bias = stage.params
         left, right, top, bottom = stage.pad
         padded = (batch, in_shape[1], in_shape[2] + top + bottom, in_shape[3] + left + right)
         self.x_in = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
@@ -147,15 +148,15 @@ class _WinnersRun:
     ) -> tuple[Pointer, torch.dtype]:
         """x: the previous stage's output buffer, as a (B, C, H, W) channels_last tensor; seeds:
         the step's dropout seeds in stage order."""
-        stage, conv = self.stage, self.stage.conv
+        stage = self.stage
         if any(stage.pad):
             self.x_in.copy_(F.pad(x, stage.pad))
             x_in = self.x_in
         else:
             x_in = x
         self.x_ptr = x_in.data_ptr()
-        weight = _dense(conv.weight)
-        bias = _dense(conv.bias) if conv.bias is not None else None
+        weight = _dense(self.weight)
+        bias = _dense(self.bias) if self.bias is not None else None
         _check(
             self.conv_pool(
                 self.ref,
@@ -180,10 +181,10 @@ class _WinnersRun:
         self, grad: Pointer, grad_dtype: torch.dtype, input_grad: bool, threads: int
     ) -> tuple[Pointer | None, Grads]:
         assert grad_dtype == BF16  # the gradient of our bf16 output
-        g, conv = self.geometry, self.stage.conv
-        weight = _nhwc(conv.weight.to(BF16))  # as autocast's conv multiplies by it (no grad here)
+        g = self.geometry
+        weight = _nhwc(self.weight.to(BF16))  # as autocast's conv multiplies by it (no grad here)
         grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
-        grad_b = torch.empty(g.out_c) if conv.bias is not None else None
+        grad_b = torch.empty(g.out_c) if self.bias is not None else None
         _check(
             self.winners(
                 self.ref,
@@ -222,6 +223,7 @@ class _HeadRun:
         lib = native.library()
         self.stage, self.batch, self.in_f = stage, batch, in_f
         self.relu, self.p, self.bf16 = fused.dense_head_options(stage.first, stage.dropout)
+        self.params = stage.params
         hidden, out_f = stage.first.weight.shape[0], stage.second.weight.shape[0]
         self.hidden, self.out_f = hidden, out_f
         self.parts = min(threads, fused.padded_to_lanes(hidden) // native.LANES)
@@ -236,7 +238,7 @@ class _HeadRun:
         self, x: Pointer, x_dtype: torch.dtype, threads: int, seeds: Iterator[int]
     ) -> torch.Tensor:
         self.x_dtype = x_dtype
-        self.weights = [_dense(t) if t is not None else None for t in self.stage.params]
+        self.weights = [_dense(t) if t is not None else None for t in self.params]
         w1, b1, w2, b2 = (t.data_ptr() if t is not None else None for t in self.weights)
         seed = next(seeds) if self.p > 0.0 else 0
         buffers = (self.xf, self.act, self.dropped, self.factor, self.logits)
