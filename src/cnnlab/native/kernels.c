@@ -239,11 +239,13 @@ INLINE void narrow(const float *from, int64_t n, void *p, int64_t at, int is_bf1
     }
 }
 
-/* A buffer for pad_image (free it), with LANES floats to spare after the image for reads
- * past its last pixel whose values go unused (window_rows); NULL when out of memory. */
+/* A buffer for pad_image (free it), with LANES zeros to spare after the image for reads past
+ * its last pixel whose values go unused (window_rows); NULL when out of memory. */
 static float *padded_buffer(const Geometry *g) {
-    return malloc(sizeof(float) * ((size_t)padded_rows(g) * (size_t)padded_cols(g) *
-                                       (size_t)g->in_c + LANES));
+    const size_t image = (size_t)padded_rows(g) * (size_t)padded_cols(g) * (size_t)g->in_c;
+    float *buf = malloc(sizeof(float) * (image + LANES));
+    if (buf) memset(buf + image, 0, sizeof(float) * LANES);
+    return buf;
 }
 
 /* Image xb, zero-padded into buf so that every window position's patch lies inside it:
@@ -1045,25 +1047,28 @@ INLINE void weight_grad_selected_pairs(const Geometry *g, const int kh, const in
                                        int grad_is_bf16, const uint8_t *argmax, int64_t first,
                                        float *spread, vf *spread_b) {
     const vi second = {0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2}; /* columns further */
+    /* every lane picks inside its window's patch, a gradient-less one too: 0 times a value read
+     * past the image's last pixel could be 0 times NaN */
     vf sums[SELECTED_MAX_TAPS], bias_sum = {0};
     for (int t = 0; t < kh * kw; t++) sums[t] = (vf){0};
     for (int i = 0; i < g->pool_h; i++)
         for (int j = 0; j < g->pool_w; j += 2) {
             const int64_t at = first + ((int64_t)i * g->out_cols + j) * HALF;
-            vi code;
+            vi code, offset = second;
             vf gradient;
             if (j + 1 < g->pool_w) {
                 code = load_bytes(argmax + at);
                 gradient = load_any(grad, at, grad_is_bf16);
-            } else { /* one window: nothing read past it */
+            } else { /* one window: nothing read past it, the upper lanes inside window j */
                 code = (vi){0} + NO_GRADIENT;
                 gradient = (vf){0};
+                offset = (vi){0};
                 for (int c = 0; c < HALF; c++) {
                     code[c] = argmax[at + c];
                     gradient[c] = load_one(grad, at + c, grad_is_bf16);
                 }
             }
-            const __m512i pick = (__m512i)((code & 1) + (code >> 1 & 1) * 8 + second);
+            const __m512i pick = (__m512i)((code & 1) + (code >> 1 & 1) * 8 + offset);
             gradient = pick_f(lanes_equal(code, NO_GRADIENT), (vf){0}, gradient);
             bias_sum += gradient;
             const float *corner = buf + 2 * i * row + 2 * j;
