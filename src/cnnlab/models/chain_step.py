@@ -11,7 +11,7 @@ them once per plan and batch size and hands the kernels their addresses: a step 
 same kernels on the same values, with the same dropout seeds drawn in the same order, and
 allocates only the parameters' gradients (which the step gives away). Its logits and weight
 gradients are bit for bit those of `forward_kept` and `backward_kept`
-(tests/test_training_gradients.py).
+(tests/test_models_chain_step.py).
 """
 
 from __future__ import annotations
@@ -133,12 +133,14 @@ class _WinnersRun:
         self.weight, self.bias = stage.params
         left, right, top, bottom = stage.pad
         padded = (batch, in_shape[1], in_shape[2] + top + bottom, in_shape[3] + left + right)
-        self.x_in = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
+        # the input padded here where its conv pads (else the previous stage's output as it is)
+        x_in = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
+        self.x_in = x_in if any(stage.pad) else None
+        self.grad_x = torch.empty_like(x_in)
         self.y = torch.empty(
             (batch, g.out_c, g.pool_h, g.pool_w), dtype=BF16, memory_format=torch.channels_last
         )
         self.code = torch.empty((batch, g.pool_h, g.pool_w, g.out_c), dtype=torch.uint8)
-        self.grad_x = torch.empty_like(self.x_in)
         lib = native.library()
         self.conv_pool, self.act_dropout = lib.conv_pool_forward_bf16, lib.act_dropout_forward
         self.winners = lib.winners_backward
@@ -149,12 +151,9 @@ class _WinnersRun:
         """x: the previous stage's output buffer, as a (B, C, H, W) channels_last tensor; seeds:
         the step's dropout seeds in stage order."""
         stage = self.stage
-        if any(stage.pad):
+        if self.x_in is not None:
             self.x_in.copy_(F.pad(x, stage.pad))
-            x_in = self.x_in
-        else:
-            x_in = x
-        self.x_ptr = x_in.data_ptr()
+        self.x_ptr = (x if self.x_in is None else self.x_in).data_ptr()
         weight = _dense(self.weight)
         bias = _dense(self.bias) if self.bias is not None else None
         _check(
@@ -195,7 +194,7 @@ class _WinnersRun:
                 grad,
                 1,
                 self.code.data_ptr(),
-                self.stage.p,
+                self.p,
                 self.batch,
                 fused.GRAD_CHUNK,
                 self.grad_x.data_ptr() if input_grad else None,
@@ -357,7 +356,7 @@ def fits(chain: Chain) -> bool:
     dense head, in that order (every whole-model chain `chain.plan` makes)."""
     stages = chain.stages
     return (
-        len(stages) >= 2
+        len(stages) >= 3
         and isinstance(stages[0], FirstBlock)
         and isinstance(stages[-1], DenseHeadStage)
         and isinstance(stages[-2], FlattenStage)
@@ -374,5 +373,6 @@ def program_for(chain: Chain, batch: int) -> StepProgram | None:
     kept = chain.__dict__.get("_program")
     if kept is None or kept.batch != batch or kept.threads != threads:
         kept = StepProgram(chain, batch, threads)
+        # in the frozen chain's own __dict__, as functools.cached_property keeps its values
         object.__setattr__(chain, "_program", kept)
     return kept
