@@ -1003,6 +1003,19 @@ INLINE __m512 window_rows(const float *at, int64_t row) {
                               _mm256_loadu_ps(at + row), 1);
 }
 
+/* sums[tap] += gradient x the input each lane picks (`pick`: its row, 0 or 8, plus its column)
+ * at that tap, for the kh x kw taps of the window whose top-left input is at corner. */
+INLINE void add_picked_taps(vf *sums, const float *corner, int64_t row, const int kh,
+                            const int kw, __m512i pick, vf gradient) {
+    for (int ky = 0; ky < kh; ky++) {
+        const __m512 rows = window_rows(corner + ky * row, row);
+        for (int kx = 0; kx < kw; kx++) {
+            const __m512i lane = _mm512_add_epi32(pick, _mm512_set1_epi32(kx));
+            sums[ky * kw + kx] += gradient * (vf)_mm512_permutexvar_ps(lane, rows);
+        }
+    }
+}
+
 /* Image b's weight and bias gradients (see weight_grad_shaped), block by block of channels. */
 INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, const float *buf,
                                  int64_t row, const void *grad, int grad_is_bf16,
@@ -1021,14 +1034,7 @@ INLINE void weight_grad_selected(const Geometry *g, const int kh, const int kw, 
                 const vf gradient = pick_f(lanes_equal(code, NO_GRADIENT), (vf){0},
                                            load_any(grad, at, grad_is_bf16));
                 bias_sum += gradient;
-                const float *corner = buf + 2 * i * row + 2 * j;
-                for (int ky = 0; ky < kh; ky++) {
-                    const __m512 rows = window_rows(corner + ky * row, row);
-                    for (int kx = 0; kx < kw; kx++) {
-                        const __m512i lane = _mm512_add_epi32(pick, _mm512_set1_epi32(kx));
-                        sums[ky * kw + kx] += gradient * (vf)_mm512_permutexvar_ps(lane, rows);
-                    }
-                }
+                add_picked_taps(sums, buf + 2 * i * row + 2 * j, row, kh, kw, pick, gradient);
             }
         for (int t = 0; t < kh * kw; t++)
             store(grad_w + t * out_c + c, load(grad_w + t * out_c + c) + sums[t]);
@@ -1071,14 +1077,7 @@ INLINE void weight_grad_selected_pairs(const Geometry *g, const int kh, const in
             const __m512i pick = (__m512i)((code & 1) + (code >> 1 & 1) * 8 + offset);
             gradient = pick_f(lanes_equal(code, NO_GRADIENT), (vf){0}, gradient);
             bias_sum += gradient;
-            const float *corner = buf + 2 * i * row + 2 * j;
-            for (int ky = 0; ky < kh; ky++) {
-                const __m512 rows = window_rows(corner + ky * row, row);
-                for (int kx = 0; kx < kw; kx++) {
-                    const __m512i lane = _mm512_add_epi32(pick, _mm512_set1_epi32(kx));
-                    sums[ky * kw + kx] += gradient * (vf)_mm512_permutexvar_ps(lane, rows);
-                }
-            }
+            add_picked_taps(sums, buf + 2 * i * row + 2 * j, row, kh, kw, pick, gradient);
         }
     for (int t = 0; t < kh * kw; t++) store(spread + t * LANES, load(spread + t * LANES) + sums[t]);
     *spread_b += bias_sum;
