@@ -1,15 +1,16 @@
-"""A training step's forward pass, loss and gradients: through autograd, or without a graph
-where one chain of C kernels runs the whole model.
+"""A training step's forward pass, loss and gradients: through autograd, or without a graph where
+one chain of C kernels runs the whole model.
 
 Where `cnnlab.models.chain` runs every layer of a model as one chain (`tiny`, `basic` and
 `dropout` on a CPU with bf16), no autograd graph is built: the chain's forward pass gives the
 logits, one C call (`softmax_cross_entropy`) the loss, its gradient and the accuracy count, the
 chain's backward pass the gradients, which go to the parameters as autograd would put them, and
 one more C call checks that they are finite. Both passes run as a `StepProgram`
-(cnnlab.models.chain_step): the chain's kernels on buffers kept from step to step. That skips the autograd Function, the engine, a
-gradient node per parameter and a dozen small PyTorch ops around the kernels; on a 2-core CPU
-each of those costs several times what it does in a loop of its own, because the kernels between
-them leave the caches and branch predictors cold (README, Performance).
+(cnnlab.models.chain_step): the chain's kernels on buffers kept from step to step. That skips
+the autograd Function, the engine, a gradient node per parameter and a dozen small PyTorch ops
+around the kernels; on a 2-core CPU each of those costs several times what it does in a loop of
+its own, because the kernels between them leave the caches and branch predictors cold (README,
+Performance).
 """
 
 from __future__ import annotations
