@@ -77,7 +77,7 @@ class _FirstRun:
         self.p = 0.0  # no dropout
         self.weight, self.bias = stage.params  # fixed for the chain (Chain.params)
 
-    def forward(self, x: torch.Tensor, threads: int) -> tuple[Pointer, torch.dtype]:
+    def forward(self, x: torch.Tensor, threads: int) -> Pointer:
         self.x_nhwc = _nhwc(x)
         weight, bias = _dense(self.weight), self.bias
         bias = _dense(bias) if bias is not None else None
@@ -95,9 +95,10 @@ class _FirstRun:
                 threads,
             )
         )
-        return self.y.data_ptr(), self.out_dtype
+        return self.y.data_ptr()
 
-    def backward(self, grad: Pointer, grad_dtype: torch.dtype, threads: int) -> Grads:
+    def backward(self, grad: Pointer, threads: int) -> Grads:
+        """grad: the gradient of our output, in its dtype."""
         if not self.trains:
             return [None, None]
         g = self.geometry
@@ -108,7 +109,7 @@ class _FirstRun:
                 self.ref,
                 self.x_nhwc.data_ptr(),
                 grad,
-                int(grad_dtype == BF16),
+                int(self.out_dtype == BF16),
                 self.argmax.data_ptr(),
                 self.batch,
                 fused.GRAD_CHUNK,
@@ -133,10 +134,9 @@ class _WinnersRun:
         self.weight, self.bias = stage.params
         left, right, top, bottom = stage.pad
         padded = (batch, in_shape[1], in_shape[2] + top + bottom, in_shape[3] + left + right)
+        self.grad_x = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
         # the input padded here where its conv pads (else the previous stage's output as it is)
-        x_in = torch.empty(padded, dtype=BF16, memory_format=torch.channels_last)
-        self.x_in = x_in if any(stage.pad) else None
-        self.grad_x = torch.empty_like(x_in)
+        self.x_in = torch.empty_like(self.grad_x) if any(stage.pad) else None
         self.y = torch.empty(
             (batch, g.out_c, g.pool_h, g.pool_w), dtype=BF16, memory_format=torch.channels_last
         )
@@ -145,9 +145,7 @@ class _WinnersRun:
         self.conv_pool, self.act_dropout = lib.conv_pool_forward_bf16, lib.act_dropout_forward
         self.winners = lib.winners_backward
 
-    def forward(
-        self, x: torch.Tensor, threads: int, seeds: Iterator[int]
-    ) -> tuple[Pointer, torch.dtype]:
+    def forward(self, x: torch.Tensor, threads: int, seeds: Iterator[int]) -> Pointer:
         """x: the previous stage's output buffer, as a (B, C, H, W) channels_last tensor; seeds:
         the step's dropout seeds in stage order."""
         stage = self.stage
@@ -174,12 +172,12 @@ class _WinnersRun:
             y, code = self.y.data_ptr(), self.code.data_ptr()
             relu = int(stage.relu)
             _check(self.act_dropout(y, 1, code, n, relu, self.p, seed, threads))
-        return self.y.data_ptr(), BF16
+        return self.y.data_ptr()
 
     def backward(
-        self, grad: Pointer, grad_dtype: torch.dtype, input_grad: bool, threads: int
+        self, grad: Pointer, input_grad: bool, threads: int
     ) -> tuple[Pointer | None, Grads]:
-        assert grad_dtype == BF16  # the gradient of our bf16 output
+        """grad: the gradient of our output, in bf16 as the output is."""
         g = self.geometry
         weight = _nhwc(self.weight.to(BF16))  # as autocast's conv multiplies by it (no grad here)
         grad_w = torch.empty((g.out_c, g.in_c, g.kh, g.kw), memory_format=torch.channels_last)
@@ -218,9 +216,11 @@ class _WinnersRun:
 class _HeadRun:
     """`DenseHeadStage` (dense_head_run, dense_head_grads) on kept buffers."""
 
-    def __init__(self, stage: DenseHeadStage, batch: int, in_f: int, threads: int) -> None:
+    def __init__(
+        self, stage: DenseHeadStage, batch: int, in_f: int, x_dtype: torch.dtype, threads: int
+    ) -> None:
         lib = native.library()
-        self.stage, self.batch, self.in_f = stage, batch, in_f
+        self.stage, self.batch, self.in_f, self.x_dtype = stage, batch, in_f, x_dtype
         self.relu, self.p, self.bf16 = fused.dense_head_options(stage.first, stage.dropout)
         self.params = stage.params
         hidden, out_f = stage.first.weight.shape[0], stage.second.weight.shape[0]
@@ -231,12 +231,9 @@ class _HeadRun:
         self.dropped, self.factor = torch.empty_like(self.act), torch.empty_like(self.act)
         self.logits = torch.empty(batch, out_f)
         self.forward_kernel, self.backward_kernel = lib.dense_head_forward, lib.dense_head_backward
-        self.grad_x: dict[torch.dtype, torch.Tensor] = {}
+        self.grad_x = torch.empty(batch, in_f, dtype=x_dtype)  # in the input's dtype
 
-    def forward(
-        self, x: Pointer, x_dtype: torch.dtype, threads: int, seeds: Iterator[int]
-    ) -> torch.Tensor:
-        self.x_dtype = x_dtype
+    def forward(self, x: Pointer, threads: int, seeds: Iterator[int]) -> torch.Tensor:
         self.weights = [_dense(t) if t is not None else None for t in self.params]
         w1, b1, w2, b2 = (t.data_ptr() if t is not None else None for t in self.weights)
         seed = next(seeds) if self.p > 0.0 else 0
@@ -244,7 +241,7 @@ class _HeadRun:
         _check(
             self.forward_kernel(
                 x,
-                int(x_dtype == BF16),
+                int(self.x_dtype == BF16),
                 self.batch,
                 self.in_f,
                 self.hidden,
@@ -268,13 +265,7 @@ class _HeadRun:
         self, grad_logits: torch.Tensor, input_grad: bool, threads: int
     ) -> tuple[Pointer | None, Grads]:
         w1, b1, w2, b2 = self.weights
-        grad_x = None
-        if input_grad:
-            grad_x = self.grad_x.get(self.x_dtype)
-            if grad_x is None:
-                grad_x = self.grad_x[self.x_dtype] = torch.empty(
-                    self.batch, self.in_f, dtype=self.x_dtype
-                )
+        grad_x = self.grad_x if input_grad else None
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
         grad_b1 = torch.empty(self.hidden) if b1 is not None else None
         grad_b2 = torch.empty(self.out_f) if b2 is not None else None
@@ -315,15 +306,15 @@ class StepProgram:
         for stage in chain.stages:
             if isinstance(stage, FirstBlock):
                 run: Any = _FirstRun(stage, batch)
-                shape = tuple(run.y.shape)
+                shape, dtype = tuple(run.y.shape), run.y.dtype
             elif isinstance(stage, WinnersBlock):
                 run = _WinnersRun(stage, batch, shape)
-                shape = tuple(run.y.shape)
+                shape, dtype = tuple(run.y.shape), run.y.dtype
             elif isinstance(stage, FlattenStage):
                 shape = (batch, shape[1] * shape[2] * shape[3])
                 continue  # a channels_last output is already flat in memory
             else:
-                run = _HeadRun(stage, batch, shape[1], threads)
+                run = _HeadRun(stage, batch, shape[1], dtype, threads)
             self.runs.append(run)
         self.dropouts = sum(run.p > 0.0 for run in self.runs)  # seeds a step draws
 
@@ -332,23 +323,21 @@ class StepProgram:
         first, *middle, head = self.runs
         # one draw for every dropout of the step, as each Dropout module would draw its own
         seeds = iter(fused.dropout_seeds(self.dropouts))
-        pointer, dtype = first.forward(x, threads)
+        pointer = first.forward(x, threads)
         out = first.y
         for run in middle:
-            pointer, dtype = run.forward(out, threads, seeds)
+            pointer = run.forward(out, threads, seeds)
             out = run.y
-        return head.forward(pointer, dtype, threads, seeds)
+        return head.forward(pointer, threads, seeds)
 
     def backward(self, grad_logits: torch.Tensor) -> Grads:
         threads = self.threads
         first, *middle, head = self.runs
         pointer, grads = head.backward(grad_logits, True, threads)
-        dtype = head.x_dtype  # each stage's input gradient comes in its input's dtype
-        for run in reversed(middle):
-            pointer, stage_grads = run.backward(pointer, dtype, True, threads)
+        for run in reversed(middle):  # each gives its input's gradient in that input's dtype
+            pointer, stage_grads = run.backward(pointer, True, threads)
             grads[:0] = stage_grads
-            dtype = BF16
-        return first.backward(pointer, dtype, threads) + grads
+        return first.backward(pointer, threads) + grads
 
 
 def fits(chain: Chain) -> bool:
